@@ -1,0 +1,54 @@
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "rocketkit/cuda.h"
+#include "rocketkit/errors.h"
+
+namespace py = pybind11;
+using CArrayD = py::array_t<double, py::array::c_style>;
+using CArrayI64 = py::array_t<int64_t, py::array::c_style>;
+
+void bind_errors(py::module_& m) {
+  m.def(
+      "whitened_errors",
+      [](CArrayD W, CArrayD S, CArrayI64 candidates, int num_threads) {
+        const int64_t d1 = W.shape(0), d2 = W.shape(1), n = candidates.shape(0);
+        CArrayD e_w(n), e_o(n);
+        {
+          py::gil_scoped_release nogil;
+          rocketkit::whitened_errors(W.data(), S.data(), d1, d2, candidates.data(), n,
+                                     e_w.mutable_data(), e_o.mutable_data(), num_threads);
+        }
+        return py::make_tuple(e_w, e_o);
+      },
+      py::arg("W"), py::arg("S"), py::arg("candidates"), py::arg("num_threads") = 0);
+
+  m.def(
+      "factorize",
+      [](CArrayD W, CArrayD S, int64_t k, int64_t s) {
+        const int64_t d1 = W.shape(0), d2 = W.shape(1);
+        CArrayD U({d1, k}), values({s, d2});
+        py::array_t<int32_t, py::array::c_style> indices({s, d2});
+        double ridge = 0;
+        {
+          py::gil_scoped_release nogil;
+          rocketkit::factorize(W.data(), S.data(), d1, d2, k, s, U.mutable_data(),
+                               values.mutable_data(), indices.mutable_data(), &ridge);
+        }
+        return py::make_tuple(U, values, indices, ridge);
+      },
+      py::arg("W"), py::arg("S"), py::arg("k"), py::arg("s"));
+
+  m.def(
+      "whitened_errors_cuda",
+      [](uintptr_t W, uintptr_t S, int64_t d1, int64_t d2, CArrayI64 candidates, uintptr_t e_w,
+         uintptr_t e_o, uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        rocketkit::cuda::whitened_errors(
+            reinterpret_cast<const double*>(W), reinterpret_cast<const double*>(S), d1, d2,
+            candidates.data(), candidates.shape(0), reinterpret_cast<double*>(e_w),
+            reinterpret_cast<double*>(e_o), reinterpret_cast<void*>(stream));
+      },
+      py::arg("W_ptr"), py::arg("S_ptr"), py::arg("d1"), py::arg("d2"), py::arg("candidates"),
+      py::arg("e_weight_ptr"), py::arg("e_output_ptr"), py::arg("stream"));
+}

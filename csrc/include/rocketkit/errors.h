@@ -1,0 +1,34 @@
+// Batched whitened reconstruction errors for all candidates of one layer, and the
+// factorization that rocketkit applies for a candidate. Both share one code path
+// (basis, mask rule, dictionary refit), so a profiled error is the applied error.
+//
+// Conventions: a layer computes y = x·W with W ∈ R^{d1×d2} (d1 = in, d2 = out),
+// every matrix is row-major and contiguous, H = XᵀX = SᵀS with S upper triangular.
+#pragma once
+#include <cstdint>
+
+namespace rocketkit {
+
+/// Relative errors of every candidate (k, s) of one layer.
+///
+/// @param W           d1×d2 weight (fp64, finite).
+/// @param S           d1×d1 upper Cholesky factor of H (lower triangle ignored; diagonal > 0).
+/// @param candidates  n×2 pairs (k, s): rank k with 1 ≤ k ≤ min(d1, d2), nonzeros per column 1 ≤ s ≤ k.
+/// @param e_weight    out, n: ‖W − Ŵ‖_F / ‖W‖_F.
+/// @param e_output    out, n: ‖S(W − Ŵ)‖_F / ‖SW‖_F  (= ‖XW − XŴ‖_F / ‖XW‖_F).
+/// @param num_threads 0 = all hardware threads.
+/// Throws std::invalid_argument on bad input, std::runtime_error if LAPACK fails.
+void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
+                     const int64_t* candidates, int64_t n, double* e_weight, double* e_output,
+                     int num_threads = 0);
+
+/// The factorization Ŵ = U·C applied for candidate (k, s).
+///
+/// @param U        out, d1×k dense: S⁻¹·D*, D* the least-squares dictionary.
+/// @param values   out, s×d2: the kept entries of C, column j in values[:, j].
+/// @param indices  out, s×d2: their row indices in [0, k), ascending within each column.
+/// @param ridge    out (may be null): the ridge ε added to CCᵀ (0 unless CCᵀ was singular).
+void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t k, int64_t s,
+               double* U, double* values, int32_t* indices, double* ridge);
+
+}  // namespace rocketkit
