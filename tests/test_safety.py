@@ -1,0 +1,26 @@
+"""Source-level guarantees: no pickle is ever loaded, no remote code is trusted by default."""
+
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "python" / "rocketkit"
+
+
+def _sources():
+    files = sorted(SRC.rglob("*.py"))
+    assert files, f"no sources under {SRC}"
+    return [(f, f.read_text()) for f in files]
+
+
+def test_no_pickle_loads():
+    bad = re.compile(r"\b(pickle|cPickle|dill|joblib)\b|torch\.load\(|np\.load\([^)]*allow_pickle\s*=\s*True")
+    hits = [f"{f.relative_to(SRC)}:{i + 1}: {line.strip()}"
+            for f, text in _sources() for i, line in enumerate(text.splitlines()) if bad.search(line)]
+    assert not hits, "pickle-capable loads found:\n" + "\n".join(hits)
+
+
+def test_no_trust_remote_code_by_default():
+    hits = [f"{f.relative_to(SRC)}:{i + 1}: {line.strip()}"
+            for f, text in _sources() for i, line in enumerate(text.splitlines())
+            if re.search(r"trust_remote_code\s*=\s*True", line)]
+    assert not hits, "trust_remote_code=True hard-coded:\n" + "\n".join(hits)
