@@ -1,0 +1,187 @@
+"""Block-by-block calibration: fp64 Gram matrices H = XᵀX of every linear layer's input.
+
+The model runs once up to its first decoder block to capture that block's inputs and the
+keyword arguments the model hands each block (mask, rotary embeddings, position ids...).
+Then each block runs alone over all batches while hooks on its linears accumulate H, its
+dense outputs become the next block's inputs, and only then is it yielded, so the consumer
+may replace its modules. Only one block's Grams exist at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rocketkit.models import block_linears, check_model_type, find_decoder_blocks
+
+
+@dataclass(eq=False)
+class Gram:
+    """H = Σ xᵀx over finite tokens, in fp64. Tokens with any NaN/Inf are counted in ``skipped``."""
+
+    H: torch.Tensor
+    tokens: int = 0
+    skipped: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        finite = torch.isfinite(x).all(dim=1)
+        n_ok = int(finite.sum())
+        if n_ok < x.shape[0]:
+            self.skipped += x.shape[0] - n_ok
+            x = x[finite]
+        if n_ok:
+            # bf16/fp32 products are exact in fp64; fp32 accumulation loses PSD on outlier channels.
+            x = x.to(torch.float64)
+            self.H.addmm_(x.T, x)
+        self.tokens += n_ok
+
+
+@dataclass
+class CalibratedBlock:
+    index: int
+    name: str  # e.g. "model.layers.3"
+    block: nn.Module
+    linears: dict[str, nn.Linear]  # names relative to the block
+    grams: dict[str, Gram] = field(default_factory=dict)  # same keys; shared inputs share one Gram object
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_output(out) -> torch.Tensor:
+    # transformers 5 blocks return a tensor; older ones a tuple headed by the hidden states.
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_block_inputs(model, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device):
+    """Per batch: block 0's hidden states, and per block the (args, kwargs) the model passes it
+    besides the hidden states. Each block's forward is swapped for a recorder, so nothing after
+    the embedding is computed; the last recorder stops the model's forward."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = []  # [batch][block]
+    current: list[tuple[tuple, dict]] = []
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kwargs):
+            if i == 0:
+                hidden.append(hidden_states)
+            current.append((args, kwargs))
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start : start + batch_size].to(device)
+            current = []
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            if len(current) != len(blocks):
+                raise RuntimeError(f"expected the model to call {len(blocks)} decoder blocks, saw {len(current)}")
+            calls.append(current)
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+    return hidden, calls
+
+
+def _gram_hooks(linears: dict[str, nn.Linear], grams: dict[str, Gram], seen: dict):
+    """Forward pre-hooks adding each linear's input to its Gram. Linears whose input is the same
+    tensor in one forward call (same storage, shape, stride, dtype) share one Gram; ``seen`` maps that
+    identity to (tensor, Gram) and is cleared per call — holding the tensor keeps its address from
+    being reused by another input during the call."""
+    handles = []
+
+    def hook_for(name: str, d1: int, device):
+        def hook(module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+            hit = seen.get(key)
+            if hit is not None:
+                gram = hit[1]
+                if grams.setdefault(name, gram) is not gram:
+                    raise RuntimeError(f"input sharing of {name} changed between calibration batches")
+                return
+            gram = grams.get(name)
+            if gram is None:
+                gram = grams[name] = Gram(torch.zeros(d1, d1, dtype=torch.float64, device=device))
+            seen[key] = (x, gram)
+            gram.add(x.detach())
+
+        return hook
+
+    for name, lin in linears.items():
+        handles.append(lin.register_forward_pre_hook(hook_for(name, lin.in_features, lin.weight.device)))
+    return handles
+
+
+@torch.no_grad()
+def stream_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Iterator[CalibratedBlock]:
+    """Yield each decoder block with the fp64 Grams of its linears' inputs, in order.
+
+    The model must already be on ``device``; ``input_ids`` (n_seq, seq_len) are moved there batch by
+    batch. Activations of all batches stay on ``device`` (inputs and outputs of one block at a time).
+    """
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_model_type(config)
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be (n_seq, seq_len) with n_seq >= 1, got {tuple(input_ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    path, blocks = find_decoder_blocks(model)
+    for block in blocks:  # fail before any work
+        block_linears(block)
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, calls = _capture_block_inputs(model, blocks, input_ids, batch_size, device)
+        bar = tqdm(total=len(blocks) * len(hidden), desc="calibrate", unit="batch", disable=not progress)
+        try:
+            for i, block in enumerate(blocks):
+                linears = block_linears(block)
+                grams: dict[str, Gram] = {}
+                seen: dict = {}
+                handles = _gram_hooks(linears, grams, seen)
+                try:
+                    outputs = []
+                    for b, x in enumerate(hidden):
+                        seen.clear()
+                        args, kwargs = calls[b][i]
+                        outputs.append(_block_output(block(x, *args, **kwargs)))
+                        bar.update(1)
+                    seen.clear()
+                finally:
+                    for h in handles:
+                        h.remove()
+                missing = [n for n in linears if n not in grams]
+                if missing:
+                    raise RuntimeError(f"{path}.{i}: linears never called during calibration: {missing}")
+                for gram in {id(g): g for g in grams.values()}.values():
+                    # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
+                    gram.H = (gram.H + gram.H.T).mul_(0.5)
+                hidden = outputs  # dense outputs feed the next block before the consumer touches this one
+                yield CalibratedBlock(index=i, name=f"{path}.{i}", block=block, linears=linears, grams=grams)
+                del grams
+        finally:
+            bar.close()
+    finally:
+        model.train(was_training)
