@@ -1,10 +1,22 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
 #include "rocketkit/cuda.h"
 #include "rocketkit/errors.h"
 
 namespace py = pybind11;
+
+namespace {
+// Shapes are read before the core sees raw pointers, so check them here.
+void check_shapes(const char* fn, const py::array& W, const py::array& S) {
+  if (W.ndim() != 2 || S.ndim() != 2 || S.shape(0) != W.shape(0) || S.shape(1) != W.shape(0))
+    throw std::invalid_argument(std::string("[") + fn + "] W must be 2-D (d1, d2) and S (d1, d1)");
+}
+}  // namespace
 using CArrayD = py::array_t<double, py::array::c_style>;
 using CArrayI64 = py::array_t<int64_t, py::array::c_style>;
 
@@ -12,6 +24,9 @@ void bind_errors(py::module_& m) {
   m.def(
       "whitened_errors",
       [](CArrayD W, CArrayD S, CArrayI64 candidates, int num_threads) {
+        check_shapes("whitened_errors", W, S);
+        if (candidates.ndim() != 2 || candidates.shape(1) != 2)
+          throw std::invalid_argument("[whitened_errors] candidates must be (n, 2)");
         const int64_t d1 = W.shape(0), d2 = W.shape(1), n = candidates.shape(0);
         CArrayD e_w(n), e_o(n);
         {
@@ -26,7 +41,10 @@ void bind_errors(py::module_& m) {
   m.def(
       "factorize",
       [](CArrayD W, CArrayD S, int64_t k, int64_t s) {
+        check_shapes("factorize", W, S);
         const int64_t d1 = W.shape(0), d2 = W.shape(1);
+        if (k < 1 || k > std::min(d1, d2) || s < 1 || s > k)
+          throw std::invalid_argument("[factorize] need 1 <= s <= k <= min(d1, d2)");
         CArrayD U({d1, k}), values({s, d2});
         py::array_t<int32_t, py::array::c_style> indices({s, d2});
         double ridge = 0;

@@ -1,17 +1,454 @@
+// Batched whitened errors (DESIGN.md §2) and the factorization they describe.
+//
+// Per layer once: W_L = S·W, thin SVD W_L = U Σ Vᵀ, and R from W·V = Q R. Per candidate the
+// captured energies are ‖L⁻¹ Y Σ‖² (output) and ‖L⁻¹ Y Rᵀ‖² (weight) with Y = C_m V and
+// L Lᵀ = C_m C_mᵀ (+ εI): every product works on r = min(d1, d2) columns, nothing d1×d2 is
+// rebuilt and S⁻¹ is never formed.
 #include "rocketkit/errors.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include <cblas.h>
+#include <lapacke.h>
+
+#include "errors_impl.h"
 #include "rocketkit/check.h"
 
 namespace rocketkit {
+namespace errors_detail {
+namespace {
 
-void whitened_errors(const double*, const double*, int64_t, int64_t, const int64_t*, int64_t,
-                     double*, double*, int) {
-  ROCKETKIT_FAIL("whitened_errors", "not implemented yet");
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+double sum_squares(const double* a, int64_t n) {
+  double acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * a[i];
+  return acc;
 }
 
-void factorize(const double*, const double*, int64_t, int64_t, int64_t, int64_t, double*, double*,
-               int32_t*, double*) {
-  ROCKETKIT_FAIL("factorize", "not implemented yet");
+// Sum of squares of the first `cols` entries of each of `rows` rows with leading dimension ld.
+double block_sum_squares(const double* a, int64_t rows, int64_t cols, int64_t ld) {
+  double acc = 0;
+  for (int64_t i = 0; i < rows; ++i) acc += sum_squares(a + i * ld, cols);
+  return acc;
+}
+
+}  // namespace
+
+LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64_t d2, bool keep_U,
+                             bool keep_R) {
+  LayerBasis b;
+  b.d1 = d1;
+  b.d2 = d2;
+  b.r = std::min(d1, d2);
+  const int64_t r = b.r;
+  b.norm_W2 = sum_squares(W, d1 * d2);
+
+  std::vector<double> WL(W, W + d1 * d2);
+  scipy_cblas_dtrmm(CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, int(d1), int(d2),
+              1.0, S, int(d1), WL.data(), int(d2));
+
+  // Row-major W_L (d1×d2) is column-major W_Lᵀ = V Σ Uᵀ: LAPACK's "U" (d2×r, col-major) is Vᵀ
+  // row-major and its "VT" (r×d1, col-major) is U row-major.
+  b.sigma.assign(r, 0.0);
+  std::vector<double> Vt(r * d2), Ubuf(d1 * r);
+  const lapack_int info =
+      scipy_LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'S', lapack_int(d2), lapack_int(d1), WL.data(),
+                     lapack_int(d2), b.sigma.data(), Vt.data(), lapack_int(d2), Ubuf.data(),
+                     lapack_int(r));
+  if (info != 0) ROCKETKIT_FAIL("whitened_errors", "SVD of S·W failed (dgesdd info ", info, ")");
+  WL.clear();
+  WL.shrink_to_fit();
+  if (keep_U) b.U = std::move(Ubuf);
+
+  // V row-major (d2×r) so that column j of C_k = Σ_k V_kᵀ is contiguous: C_ij = σ_i·V[j, i].
+  b.Vt.resize(d2 * r);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < d2; ++j) b.Vt[j * r + i] = Vt[i * d2 + j];
+
+  b.norm_WL2 = sum_squares(b.sigma.data(), r);
+  b.tail_o.assign(r + 1, 0.0);
+  for (int64_t i = r - 1; i >= 0; --i) b.tail_o[i] = b.tail_o[i + 1] + b.sigma[i] * b.sigma[i];
+
+  if (keep_R) {
+    // M = W·V (d1×r). Row-major M is column-major Mᵀ (r×d1); its LQ Mᵀ = L Q gives M = Qᵀ Lᵀ,
+    // so R = Lᵀ, which row-major is the leading r×r block with the strict lower part zeroed.
+    std::vector<double> M(d1 * r);
+    scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(d1), int(r), int(d2), 1.0, W,
+                int(d2), b.Vt.data(), int(r), 0.0, M.data(), int(r));
+    std::vector<double> colsq(r, 0.0);
+    for (int64_t a = 0; a < d1; ++a)
+      for (int64_t i = 0; i < r; ++i) colsq[i] += M[a * r + i] * M[a * r + i];
+    b.tail_w.assign(r + 1, 0.0);
+    for (int64_t i = r - 1; i >= 0; --i) b.tail_w[i] = b.tail_w[i + 1] + colsq[i];
+    // A = A1 + A2 with A1 = Σ²/‖W_L‖², A2 = MᵀM/‖W‖² (both trace ≤ 1, PSD).
+    std::vector<double> A(r * r);
+    scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(r), int(d1), 1.0 / b.norm_W2,
+                      M.data(), int(r), 0.0, A.data(), int(r));
+    std::vector<double> a1(r);
+    for (int64_t i = 0; i < r; ++i) {
+      a1[i] = b.sigma[i] * b.sigma[i] / b.norm_WL2;
+      A[i * r + i] += a1[i];
+      for (int64_t j = i + 1; j < r; ++j) A[j * r + i] = A[i * r + j];
+    }
+    std::vector<double> alpha(r);
+    lapack_int einfo = scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'L', lapack_int(r), A.data(),
+                                            lapack_int(r), alpha.data());
+    // Well conditioned A: the θ-weights are accurate (errors in B1 scale as eps·α_max/α_min).
+    b.one_solve = einfo == 0 && alpha[0] > 1e-10 * alpha[r - 1];
+    if (b.one_solve) {
+      // A's column-major eigenvectors: PhiT[j*r + i] = Φ_ij. Q = A1^{1/2} Φ α^{-1/2}, B1 = QᵀQ.
+      const double* PhiT = A.data();
+      std::vector<double> Q(r * r), B1(r * r), P(r * r), F(r * r);
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = 0; j < r; ++j) {
+          Q[i * r + j] = std::sqrt(a1[i]) * PhiT[j * r + i] / std::sqrt(alpha[j]);
+          P[i * r + j] = PhiT[j * r + i] * std::sqrt(alpha[j]);
+        }
+      scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(r), int(r), 1.0, Q.data(), int(r),
+                        0.0, B1.data(), int(r));
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = i + 1; j < r; ++j) B1[j * r + i] = B1[i * r + j];
+      b.theta.resize(r);
+      einfo = scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'L', lapack_int(r), B1.data(),
+                                   lapack_int(r), b.theta.data());
+      if (einfo != 0) ROCKETKIT_FAIL("whitened_errors", "dsyevd failed (info ", einfo, ")");
+      for (double& th : b.theta) th = std::min(1.0, std::max(0.0, th));
+      // F = Φ α^{1/2} Ψ, with B1 holding Ψᵀ row-major; N = V·F.
+      scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(r), int(r), int(r), 1.0,
+                        P.data(), int(r), B1.data(), int(r), 0.0, F.data(), int(r));
+      b.N.resize(d2 * r);
+      scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(d2), int(r), int(r), 1.0,
+                        b.Vt.data(), int(r), F.data(), int(r), 0.0, b.N.data(), int(r));
+    } else {
+      std::vector<double> tau(r);
+      const lapack_int qinfo = scipy_LAPACKE_dgelqf(LAPACK_COL_MAJOR, lapack_int(r), lapack_int(d1),
+                                                    M.data(), lapack_int(r), tau.data());
+      if (qinfo != 0) ROCKETKIT_FAIL("whitened_errors", "LQ of W·V failed (dgelqf info ", qinfo, ")");
+      b.R.assign(r * r, 0.0);
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t j = i; j < r; ++j) b.R[i * r + j] = M[i * r + j];
+    }
+  }
+  return b;
+}
+
+// V is stored in b.Vt as d2×r row-major (see build_layer_basis).
+void select_mask(const LayerBasis& b, int64_t k, int64_t s, double* CmT, double* values,
+                 int32_t* indices, std::vector<double>& scratch) {
+  const int64_t d2 = b.d2, r = b.r;
+  const double* sigma = b.sigma.data();
+  scratch.resize(2 * size_t(k));
+  double* mag = scratch.data();
+  double* sel = mag + k;
+  for (int64_t j = 0; j < d2; ++j) {
+    const double* vj = b.Vt.data() + j * r;
+    double* out = CmT + j * k;
+    if (s == k) {
+      for (int64_t i = 0; i < k; ++i) {
+        const double c = sigma[i] * vj[i];
+        out[i] = c;
+        if (values) values[i * d2 + j] = c;
+        if (indices) indices[i * d2 + j] = int32_t(i);
+      }
+      continue;
+    }
+    for (int64_t i = 0; i < k; ++i) mag[i] = sel[i] = std::fabs(sigma[i] * vj[i]);
+    // thr = the s-th largest magnitude; everything above it is kept, and of the entries equal
+    // to it the lowest rows fill the remaining slots (the tie rule).
+    std::nth_element(sel, sel + (s - 1), sel + k, std::greater<double>());
+    const double thr = sel[s - 1];
+    int64_t above = 0;
+    for (int64_t i = 0; i < k; ++i) above += mag[i] > thr;
+    int64_t ties = s - above;
+    int64_t t = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const bool keep = mag[i] > thr || (mag[i] == thr && ties-- > 0);
+      const double c = sigma[i] * vj[i];
+      out[i] = keep ? c : 0.0;
+      if (keep) {
+        if (values) values[t * d2 + j] = c;
+        if (indices) indices[t * d2 + j] = int32_t(i);
+        ++t;
+      }
+    }
+  }
+}
+
+void coefficients_times(const LayerBasis& b, int64_t k, const double* CmT, const double* B, double* Y) {
+  scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(k), int(b.r), int(b.d2), 1.0, CmT,
+                    int(k), B, int(b.r), 0.0, Y, int(b.r));
+}
+
+void coefficients_times_V(const LayerBasis& b, int64_t k, const double* CmT, double* Y) {
+  coefficients_times(b, k, CmT, b.Vt.data(), Y);
+}
+
+double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* CmT, double* L,
+                   double* G) {
+  const size_t kk = size_t(k) * size_t(k);
+  if (s == k) {
+    // C_k C_kᵀ = Σ_k² exactly; a diagonal needs no factorization unless some σ_i² is 0.
+    std::memset(G, 0, sizeof(double) * kk);
+    for (int64_t i = 0; i < k; ++i) G[i * k + i] = b.sigma[i] * b.sigma[i];
+    if (G[(k - 1) * k + (k - 1)] > 0) {
+      std::memset(L, 0, sizeof(double) * kk);
+      for (int64_t i = 0; i < k; ++i) L[i * k + i] = std::sqrt(G[i * k + i]);
+      return 0.0;
+    }
+  } else {
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(k), int(b.d2), 1.0, CmT, int(k), 0.0,
+                G, int(k));
+  }
+  // Row-major lower is column-major upper: dpotrf 'U' leaves L with G = L·Lᵀ (row-major lower).
+  double mean_diag = 0;
+  for (int64_t i = 0; i < k; ++i) mean_diag += G[i * k + i];
+  mean_diag /= double(k);
+  const double base = mean_diag > 0 ? mean_diag : 1.0;
+  double eps = 0;
+  for (int attempt = 0; attempt < 64; ++attempt) {
+    std::memcpy(L, G, sizeof(double) * kk);
+    if (eps > 0)
+      for (int64_t i = 0; i < k; ++i) L[i * k + i] += eps;
+    const lapack_int info = scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', lapack_int(k), L, lapack_int(k));
+    if (info == 0) return eps;
+    if (info < 0) ROCKETKIT_FAIL("whitened_errors", "dpotrf argument error ", info);
+    eps = eps == 0 ? 1e-12 * base : eps * 10;
+  }
+  ROCKETKIT_FAIL("whitened_errors", "Cholesky of C·Cᵀ failed even with a ridge of ", eps);
+}
+
+namespace {
+
+void check_layer(const char* fn, const double* W, const double* S, int64_t d1, int64_t d2) {
+  ROCKETKIT_CHECK(d1 >= 1 && d2 >= 1, fn, "W must be non-empty, got ", d1, "x", d2);
+  ROCKETKIT_CHECK(d1 <= kInt32Max && d2 <= kInt32Max, fn, "W is ", d1, "x", d2,
+                  ": each side must fit in int32 (LAPACK)");
+  ROCKETKIT_CHECK(d1 <= std::numeric_limits<int64_t>::max() / d2 &&
+                      d1 <= std::numeric_limits<int64_t>::max() / d1,
+                  fn, "W is ", d1, "x", d2, ": element count overflows int64");
+  const int64_t r = std::min(d1, d2);
+  // dgesdd's workspace (about 4r² + 7r doubles) is indexed with 32-bit integers.
+  ROCKETKIT_CHECK(r <= 20000, fn, "min(d1, d2) = ", r, " is above 20000 (32-bit LAPACK workspace)");
+  ROCKETKIT_CHECK(W != nullptr && S != nullptr, fn, "W and S must not be null");
+  for (int64_t i = 0; i < d1 * d2; ++i)
+    ROCKETKIT_CHECK(std::isfinite(W[i]), fn, "W has a non-finite entry at (", i / d2, ", ", i % d2, ")");
+  for (int64_t i = 0; i < d1; ++i) {
+    ROCKETKIT_CHECK(std::isfinite(S[i * d1 + i]) && S[i * d1 + i] > 0, fn,
+                    "S must have a positive finite diagonal, S[", i, ", ", i, "] = ", S[i * d1 + i]);
+    for (int64_t j = i + 1; j < d1; ++j)
+      ROCKETKIT_CHECK(std::isfinite(S[i * d1 + j]), fn, "S has a non-finite entry at (", i, ", ", j, ")");
+  }
+}
+
+void check_candidate(const char* fn, int64_t k, int64_t s, int64_t r, int64_t row) {
+  ROCKETKIT_CHECK(k >= 1 && k <= r, fn, "candidate ", row, ": rank k = ", k,
+                  " must be in [1, min(d1, d2) = ", r, "]");
+  ROCKETKIT_CHECK(s >= 1 && s <= k, fn, "candidate ", row, ": s = ", s, " must be in [1, k = ", k, "]");
+}
+
+struct Workspace {
+  std::vector<double> CmT, Y, T, L, G;
+  std::vector<double> scratch;
+  void reserve(const LayerBasis& b, int64_t kmax) {
+    CmT.resize(size_t(b.d2) * kmax);
+    Y.resize(size_t(kmax) * b.r);
+    T.resize(b.one_solve ? 0 : size_t(kmax) * 2 * b.r);
+    L.resize(size_t(kmax) * kmax);
+    G.resize(size_t(kmax) * kmax);
+  }
+};
+
+void candidate_errors(const LayerBasis& b, int64_t k, int64_t s, Workspace& w, double* e_w,
+                      double* e_o) {
+  const int64_t r = b.r;
+  if (s == k && b.sigma[k - 1] * b.sigma[k - 1] > 0) {
+    // Nested truncation (no mask, no ridge): the tails of the spectrum are the residuals.
+    *e_o = std::sqrt(b.tail_o[k] / b.norm_WL2);
+    *e_w = std::sqrt(std::min(1.0, b.tail_w[k] / b.norm_W2));
+    return;
+  }
+  select_mask(b, k, s, w.CmT.data(), nullptr, nullptr, w.scratch);
+  const double eps = factor_gram(b, k, s, w.CmT.data(), w.L.data(), w.G.data());
+  if (b.one_solve) {
+    double* T = w.Y.data();
+    coefficients_times(b, k, w.CmT.data(), b.N.data(), T);
+    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k),
+                      int(r), 1.0, w.L.data(), int(k), T, int(r));
+    auto weighted = [&](double& cap_o, double& cap_w) {
+      std::vector<double>& colsq = w.scratch;  // reused scratch
+      colsq.assign(r, 0.0);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t c = 0; c < r; ++c) colsq[c] += T[i * r + c] * T[i * r + c];
+      cap_o = cap_w = 0;
+      for (int64_t c = 0; c < r; ++c) {
+        cap_o += b.theta[c] * colsq[c];
+        cap_w += (1.0 - b.theta[c]) * colsq[c];
+      }
+    };
+    double cap_o, cap_w;
+    weighted(cap_o, cap_w);
+    if (eps > 0) {
+      scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k),
+                        int(r), 1.0, w.L.data(), int(k), T, int(r));
+      double ro, rw;
+      weighted(ro, rw);
+      cap_o += eps * ro;
+      cap_w += eps * rw;
+    }
+    *e_o = std::sqrt(std::max(0.0, 1.0 - cap_o));
+    *e_w = std::sqrt(std::max(0.0, 1.0 - cap_w));
+    return;
+  }
+  coefficients_times_V(b, k, w.CmT.data(), w.Y.data());
+  // T = [Y·Σ | Y·Rᵀ] (k×2r), then T := L⁻¹T in one triangular solve.
+  double* T = w.T.data();
+  const double* Y = w.Y.data();
+  for (int64_t i = 0; i < k; ++i) {
+    double* row = T + i * 2 * r;
+    for (int64_t c = 0; c < r; ++c) row[c] = Y[i * r + c] * b.sigma[c];
+    std::memcpy(row + r, Y + i * r, sizeof(double) * size_t(r));
+  }
+  scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(k), int(r), 1.0,
+              b.R.data(), int(r), T + r, int(2 * r));
+  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k), int(2 * r),
+              1.0, w.L.data(), int(k), T, int(2 * r));
+  double cap_o = block_sum_squares(T, k, r, 2 * r);
+  double cap_w = block_sum_squares(T + r, k, r, 2 * r);
+  if (eps > 0) {
+    // With D* = W_L C_mᵀ(G+εI)⁻¹ the residual is ‖W_L‖² − ‖Z‖² − ε‖L⁻ᵀZ‖², Z = L⁻¹B.
+    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k), int(2 * r),
+                1.0, w.L.data(), int(k), T, int(2 * r));
+    cap_o += eps * block_sum_squares(T, k, r, 2 * r);
+    cap_w += eps * block_sum_squares(T + r, k, r, 2 * r);
+  }
+  *e_o = std::sqrt(std::max(0.0, b.norm_WL2 - cap_o) / b.norm_WL2);
+  *e_w = std::sqrt(std::max(0.0, b.norm_W2 - cap_w) / b.norm_W2);
+}
+
+// Pins OpenBLAS's (process-wide) thread count for a scope and restores it, even on exceptions.
+// The wheel's OpenBLAS exports no per-thread setting, so a concurrent BLAS caller elsewhere in
+// the process also runs single-threaded while candidates are profiled.
+class BlasThreads {
+ public:
+  explicit BlasThreads(int n) : saved_(scipy_openblas_get_num_threads()) {
+    scipy_openblas_set_num_threads(n);
+  }
+  ~BlasThreads() { scipy_openblas_set_num_threads(saved_); }
+  BlasThreads(const BlasThreads&) = delete;
+  BlasThreads& operator=(const BlasThreads&) = delete;
+
+ private:
+  int saved_;
+};
+
+}  // namespace
+}  // namespace errors_detail
+
+using namespace errors_detail;
+
+void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
+                     const int64_t* candidates, int64_t n, double* e_weight, double* e_output,
+                     int num_threads) {
+  const char* fn = "whitened_errors";
+  ROCKETKIT_CHECK(n >= 0, fn, "candidate count must be >= 0, got ", n);
+  ROCKETKIT_CHECK(num_threads >= 0, fn, "num_threads must be >= 0, got ", num_threads);
+  check_layer(fn, W, S, d1, d2);
+  if (n == 0) return;
+  ROCKETKIT_CHECK(candidates != nullptr && e_weight != nullptr && e_output != nullptr, fn,
+                  "candidates and outputs must not be null");
+  const int64_t r = std::min(d1, d2);
+  for (int64_t c = 0; c < n; ++c) check_candidate(fn, candidates[2 * c], candidates[2 * c + 1], r, c);
+
+  bool zero = true;
+  for (int64_t i = 0; i < d1 * d2 && zero; ++i) zero = W[i] == 0;
+  if (zero) {  // documented: a zero layer has nothing to lose
+    std::fill(e_weight, e_weight + n, 0.0);
+    std::fill(e_output, e_output + n, 0.0);
+    return;
+  }
+
+  const LayerBasis b = build_layer_basis(W, S, d1, d2, /*keep_U=*/false, /*keep_R=*/true);
+
+  // Largest ranks first, so the slowest candidates do not end up last on one thread.
+  std::vector<int64_t> todo(n);
+  std::iota(todo.begin(), todo.end(), 0);
+  std::stable_sort(todo.begin(), todo.end(),
+                   [&](int64_t a, int64_t c) { return candidates[2 * a] > candidates[2 * c]; });
+  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = int(std::min<int64_t>(num_threads > 0 ? num_threads : hw, n));
+  const int64_t kmax = candidates[2 * todo[0]];
+
+  // Candidates run single-threaded BLAS, in parallel with each other.
+  BlasThreads pin(1);
+  if (threads <= 1) {
+    Workspace w;
+    w.reserve(b, kmax);
+    for (int64_t c : todo)
+      candidate_errors(b, candidates[2 * c], candidates[2 * c + 1], w, e_weight + c, e_output + c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto worker = [&]() {
+    try {
+      Workspace w;
+      w.reserve(b, kmax);
+      for (int64_t t; (t = next.fetch_add(1)) < n;) {
+        const int64_t c = todo[t];
+        candidate_errors(b, candidates[2 * c], candidates[2 * c + 1], w, e_weight + c, e_output + c);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      next.store(n);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t k, int64_t s,
+               double* U, double* values, int32_t* indices, double* ridge) {
+  const char* fn = "factorize";
+  check_layer(fn, W, S, d1, d2);
+  check_candidate(fn, k, s, std::min(d1, d2), 0);
+  ROCKETKIT_CHECK(U != nullptr && values != nullptr && indices != nullptr, fn,
+                  "outputs must not be null");
+
+  const LayerBasis b = build_layer_basis(W, S, d1, d2, /*keep_U=*/true, /*keep_R=*/false);
+  const int64_t r = b.r;
+  std::vector<double> CmT(size_t(d2) * k), Y(size_t(k) * r), L(size_t(k) * k), G(size_t(k) * k);
+  std::vector<double> scratch;
+  select_mask(b, k, s, CmT.data(), values, indices, scratch);
+  const double eps = factor_gram(b, k, s, CmT.data(), L.data(), G.data());
+  coefficients_times_V(b, k, CmT.data(), Y.data());
+  // D*ᵀ = (G+εI)⁻¹ C_m W_Lᵀ = (G+εI)⁻¹ (Y·Σ) Uᵀ.
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t c = 0; c < r; ++c) Y[i * r + c] *= b.sigma[c];
+  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k), int(r), 1.0,
+              L.data(), int(k), Y.data(), int(r));
+  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k), int(r), 1.0,
+              L.data(), int(k), Y.data(), int(r));
+  scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(d1), int(k), int(r), 1.0, b.U.data(),
+              int(r), Y.data(), int(r), 0.0, U, int(k));
+  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, int(d1), int(k), 1.0,
+              S, int(d1), U, int(k));
+  if (ridge) *ridge = eps;
 }
 
 }  // namespace rocketkit
