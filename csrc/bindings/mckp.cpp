@@ -1,6 +1,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "rocketkit/check.h"
 #include "rocketkit/cuda.h"
 #include "rocketkit/mckp.h"
 
@@ -37,6 +38,15 @@ void bind_mckp(py::module_& m) {
       "solve_mckp",
       [](CArrayD errors, CArrayI64 params, CArrayI64 offsets, int64_t budget, int64_t buckets,
          int num_threads) {
+        // The core trusts offsets to index the flat arrays; only here are their lengths known.
+        ROCKETKIT_CHECK(errors.ndim() == 1 && params.ndim() == 1 && offsets.ndim() == 1, "solve_mckp",
+                        "errors, params and offsets must be 1-D");
+        ROCKETKIT_CHECK(offsets.shape(0) >= 2, "solve_mckp", "offsets needs num_layers+1 >= 2 entries");
+        ROCKETKIT_CHECK(errors.shape(0) == params.shape(0) &&
+                            offsets.data()[offsets.shape(0) - 1] == errors.shape(0),
+                        "solve_mckp", "errors (", errors.shape(0), ") and params (", params.shape(0),
+                        ") must both have offsets[-1] = ", offsets.data()[offsets.shape(0) - 1],
+                        " entries");
         rocketkit::MckpResult r;
         {
           py::gil_scoped_release nogil;
@@ -52,6 +62,8 @@ void bind_mckp(py::module_& m) {
       "solve_mckp_cuda",
       [](uintptr_t errors, uintptr_t params, CArrayI64 offsets, int64_t budget, int64_t buckets,
          uintptr_t stream) {
+        ROCKETKIT_CHECK(offsets.ndim() == 1 && offsets.shape(0) >= 2, "solve_mckp_cuda",
+                        "offsets needs num_layers+1 >= 2 entries");
         rocketkit::MckpResult r;
         {
           py::gil_scoped_release nogil;
