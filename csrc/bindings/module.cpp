@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 void bind_errors(py::module_& m);
 void bind_mckp(py::module_& m);
+void bind_infer(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rocketkit native core";
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_name", &rocketkit::cuda_device_name, py::arg("device") = 0);
   bind_errors(m);
   bind_mckp(m);
+  bind_infer(m);
 }

@@ -1,0 +1,65 @@
+// Exports the factorized-layer kernel. Dtypes and shapes are prepared in _native.py; here we
+// only dispatch on dtype and release the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "rocketkit/check.h"
+#include "rocketkit/infer.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T, typename I>
+py::array_t<T> run(const py::array& x, const py::array& U, const py::array& values,
+                   const py::array& indices, const py::object& bias, int num_threads) {
+  const char* fn = "factorized_matmul";
+  ROCKETKIT_CHECK(x.ndim() == 2 && U.ndim() == 2 && values.ndim() == 2 && indices.ndim() == 2, fn,
+                  "x, U, values and indices must be 2-D");
+  const int64_t n = x.shape(0), d1 = x.shape(1), k = U.shape(1), s = values.shape(0),
+                d2 = values.shape(1);
+  ROCKETKIT_CHECK(U.shape(0) == d1, fn, "U has ", U.shape(0), " rows, x has ", d1, " columns");
+  ROCKETKIT_CHECK(indices.shape(0) == s && indices.shape(1) == d2, fn, "indices (", indices.shape(0),
+                  ", ", indices.shape(1), ") must match values (", s, ", ", d2, ")");
+  auto xa = py::array_t<T, py::array::c_style>::ensure(x);
+  auto Ua = py::array_t<T, py::array::c_style>::ensure(U);
+  auto va = py::array_t<T, py::array::c_style>::ensure(values);
+  auto ia = py::array_t<I, py::array::c_style>::ensure(indices);
+  ROCKETKIT_CHECK(xa && Ua && va && ia, fn, "unexpected dtypes");
+  py::array_t<T, py::array::c_style> ba;
+  if (!bias.is_none()) {
+    ba = py::array_t<T, py::array::c_style>::ensure(bias);
+    ROCKETKIT_CHECK(ba && ba.ndim() == 1 && ba.shape(0) == d2, fn, "bias must have ", d2, " entries");
+  }
+  py::array_t<T> y({py::ssize_t(n), py::ssize_t(d2)});
+  const T* b = bias.is_none() ? nullptr : ba.data();
+  T* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    rocketkit::factorized_matmul(xa.data(), n, d1, Ua.data(), k, va.data(), ia.data(), s, d2, b, yp,
+                                 num_threads);
+  }
+  return y;
+}
+
+}  // namespace
+
+void bind_infer(py::module_& m) {
+  m.def(
+      "factorized_matmul",
+      [](const py::array& x, const py::array& U, const py::array& values, const py::array& indices,
+         const py::object& bias, int num_threads) -> py::array {
+        const bool f32 = x.dtype().is(py::dtype::of<float>());
+        const bool i16 = indices.dtype().is(py::dtype::of<int16_t>());
+        ROCKETKIT_CHECK(f32 || x.dtype().is(py::dtype::of<double>()), "factorized_matmul",
+                        "x must be float32 or float64");
+        ROCKETKIT_CHECK(i16 || indices.dtype().is(py::dtype::of<int32_t>()), "factorized_matmul",
+                        "indices must be int16 or int32");
+        if (f32) return i16 ? run<float, int16_t>(x, U, values, indices, bias, num_threads)
+                            : run<float, int32_t>(x, U, values, indices, bias, num_threads);
+        return i16 ? run<double, int16_t>(x, U, values, indices, bias, num_threads)
+                   : run<double, int32_t>(x, U, values, indices, bias, num_threads);
+      },
+      py::arg("x"), py::arg("U"), py::arg("values"), py::arg("indices"), py::arg("bias"),
+      py::arg("num_threads") = 0);
+}
