@@ -12,7 +12,34 @@ from rocketkit._native import (
 
 __version__ = build_info()["version"]
 
+# Pipeline entry points are imported on first use so `import rocketkit` stays light (no transformers).
+_LAZY = {
+    "load_pretrained": "rocketkit.checkpoint",
+    "save_compressed": "rocketkit.checkpoint",
+    "compress": "rocketkit.pipeline",
+    "FactorizedLinear": "rocketkit.modules",
+    "Profile": "rocketkit.profile",
+    "profile_model": "rocketkit.profile",
+    "candidate_grid": "rocketkit.profile",
+    "Allocation": "rocketkit.allocate",
+    "allocate": "rocketkit.allocate",
+    "apply_allocation": "rocketkit.factorize",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rocketkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    *_LAZY,
     "Factors",
     "MckpSolution",
     "build_info",

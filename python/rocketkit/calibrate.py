@@ -5,6 +5,10 @@ keyword arguments the model hands each block (mask, rotary embeddings, position 
 Then each block runs alone over all batches while hooks on its linears accumulate H, its
 dense outputs become the next block's inputs, and only then is it yielded, so the consumer
 may replace its modules. Only one block's Grams exist at a time.
+
+A model from ``models.open_streaming`` keeps its blocks on the meta device: each block is
+materialized just before it runs and released when the consumer asks for the next one, so only
+one block's weights exist at a time too. The capture pass never runs a block (recorders stand in).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rocketkit.models import block_linears, check_model_type, find_decoder_blocks
+from rocketkit.models import block_linears, check_model_type, find_decoder_blocks, streaming_weights
 
 
 @dataclass(eq=False)
@@ -138,7 +142,8 @@ def stream_blocks(
     """Yield each decoder block with the fp64 Grams of its linears' inputs, in order.
 
     The model must already be on ``device``; ``input_ids`` (n_seq, seq_len) are moved there batch by
-    batch. Activations of all batches stay on ``device`` (inputs and outputs of one block at a time).
+    batch. A streaming model (``models.open_streaming``) has block i's weights only while block i is
+    being calibrated or held by the consumer; they are released when the generator resumes. Activations of all batches stay on ``device`` (inputs and outputs of one block at a time).
     """
     config = getattr(model, "config", None)
     if config is not None:
@@ -148,6 +153,7 @@ def stream_blocks(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path, blocks = find_decoder_blocks(model)
+    streaming = streaming_weights(model)
     for block in blocks:  # fail before any work
         block_linears(block)
     was_training = model.training
@@ -157,30 +163,37 @@ def stream_blocks(
         bar = tqdm(total=len(blocks) * len(hidden), desc="calibrate", unit="batch", disable=not progress)
         try:
             for i, block in enumerate(blocks):
-                linears = block_linears(block)
-                grams: dict[str, Gram] = {}
-                seen: dict = {}
-                handles = _gram_hooks(linears, grams, seen)
+                if streaming is not None:
+                    streaming.materialize_block(i)
                 try:
-                    outputs = []
-                    for b, x in enumerate(hidden):
+                    linears = block_linears(block)
+                    grams: dict[str, Gram] = {}
+                    seen: dict = {}
+                    handles = _gram_hooks(linears, grams, seen)
+                    try:
+                        outputs = []
+                        for b, x in enumerate(hidden):
+                            seen.clear()
+                            args, kwargs = calls[b][i]
+                            outputs.append(_block_output(block(x, *args, **kwargs)))
+                            bar.update(1)
                         seen.clear()
-                        args, kwargs = calls[b][i]
-                        outputs.append(_block_output(block(x, *args, **kwargs)))
-                        bar.update(1)
-                    seen.clear()
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    missing = [n for n in linears if n not in grams]
+                    if missing:
+                        raise RuntimeError(f"{path}.{i}: linears never called during calibration: {missing}")
+                    for gram in {id(g): g for g in grams.values()}.values():
+                        # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
+                        gram.H = (gram.H + gram.H.T).mul_(0.5)
+                    hidden = outputs  # dense outputs feed the next block before the consumer touches this one
+                    yield CalibratedBlock(index=i, name=f"{path}.{i}", block=block, linears=linears, grams=grams)
+                    del grams, linears
                 finally:
-                    for h in handles:
-                        h.remove()
-                missing = [n for n in linears if n not in grams]
-                if missing:
-                    raise RuntimeError(f"{path}.{i}: linears never called during calibration: {missing}")
-                for gram in {id(g): g for g in grams.values()}.values():
-                    # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
-                    gram.H = (gram.H + gram.H.T).mul_(0.5)
-                hidden = outputs  # dense outputs feed the next block before the consumer touches this one
-                yield CalibratedBlock(index=i, name=f"{path}.{i}", block=block, linears=linears, grams=grams)
-                del grams
+                    # Resumed (or closed): the consumer is done with this block.
+                    if streaming is not None:
+                        streaming.release_block(i)
         finally:
             bar.close()
     finally:

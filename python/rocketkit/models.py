@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     source: str  # the folder the weights were read from (the cache folder for a GGUF)
+    streaming: "StreamingWeights | None" = None  # set by open_streaming: decoder blocks live on meta
 
 
 def cache_dir() -> Path:
@@ -120,11 +123,19 @@ def resolve_spec(spec: str) -> Path:
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    stream: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local folder, a .gguf file or ``"smollm2"``."""
+    """Load a causal LM and its tokenizer from a local folder, a .gguf file or ``"smollm2"``.
+
+    ``stream=True`` is :func:`open_streaming`: the decoder blocks stay unallocated until asked for."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if stream:
+        return open_streaming(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     folder = resolve_spec(spec)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     check_model_type(config)
@@ -164,3 +175,199 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     if not linears:
         raise ValueError(f"no linear layers in {type(block).__name__}")
     return linears
+
+
+# --------------------------------------------------------------------------- streaming
+
+_STREAMING_ATTR = "_rocketkit_streaming"
+_malloc_trim = None
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim). Block-sized tensors freed on CPU
+    otherwise stay in glibc's heap (its mmap threshold grows to 32 MB), so RSS would creep by about a
+    block over the first blocks of a run."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # musl or no libc.so.6
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+def _shard_map(folder: Path) -> dict[str, Path]:
+    """Checkpoint key -> the safetensors file holding it (sharded via model.safetensors.index.json or not)."""
+    from safetensors import safe_open
+
+    from rocketkit.fileio import read_json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map")
+        files = {name: folder / name for name in set(weight_map.values())}
+        for f in files.values():
+            if not f.is_file():
+                raise ValueError(f"{index}: shard {f.name} not found")
+        return {key: files[name] for key, name in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no safetensors weights (streaming needs safetensors)")
+    out: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                out[key] = f
+    return out
+
+
+class StreamingWeights:
+    """Weights of a model skeleton whose decoder blocks stay on the meta device until asked for.
+
+    ``materialize_block(i)`` reads block i's tensors from the memory-mapped safetensors shards into
+    ``dtype`` on ``device``; ``release_block(i)`` puts them back on meta, so resident memory is about
+    one block plus the non-block weights however deep the model is.
+    """
+
+    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype, device, keys: dict[str, Path]):
+        self.folder = folder
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.prefix, self.blocks = find_decoder_blocks(model)
+        self._keys = keys
+        self._live: dict[int, list[tuple[nn.Module, str, nn.Parameter]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self._keys]
+        if missing:
+            raise ValueError(f"{self.folder}: checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for n in names:
+            by_file[self._keys[n]].append(n)
+        from safetensors import safe_open
+
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for key in keys:
+                    # A tensor read on CPU maps the file; .to() copies only when dtype/device differ.
+                    out[key] = handle.get_tensor(key).to(device=self.device, dtype=self.dtype)
+        return out
+
+    def load_into(self, owners: list[tuple[str, nn.Module, str]]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+        """Replace each (checkpoint key, module, attribute) parameter by the checkpoint's tensor."""
+        tensors = self._read([key for key, _, _ in owners])
+        placed = []
+        for key, module, attr in owners:
+            old = module._parameters[attr]
+            t = tensors[key]
+            if tuple(t.shape) != tuple(old.shape):
+                raise ValueError(f"{self.folder}: {key} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}")
+            param = nn.Parameter(t, requires_grad=False)
+            module._parameters[attr] = param
+            placed.append((module, attr, param))
+        return placed
+
+    def is_materialized(self, i: int) -> bool:
+        return i in self._live
+
+    def materialize_block(self, i: int) -> nn.Module:
+        """Load block i's weights (idempotent); returns the block."""
+        if not 0 <= i < len(self.blocks):
+            raise ValueError(f"block index {i} out of range [0, {len(self.blocks)})")
+        if i not in self._live:
+            block = self.blocks[i]
+            owners = [
+                (f"{self.prefix}.{i}.{mname + '.' if mname else ''}{attr}", module, attr)
+                for mname, module in block.named_modules()
+                for attr, p in module._parameters.items()
+                if p is not None and p.device.type == "meta"
+            ]
+            self._live[i] = self.load_into(owners)
+        return self.blocks[i]
+
+    def release_block(self, i: int) -> None:
+        """Back to meta: only the parameters this object placed and that are still attached (a module
+        the consumer swapped in keeps its own weights)."""
+        live = self._live.pop(i, None)
+        if live is None:
+            return
+        for module, attr, param in live:
+            if module._parameters.get(attr) is param:
+                module._parameters[attr] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False
+                )
+        live = param = None  # the last tensor must be gone before the trim
+        if self.device.type == "cpu":
+            _return_freed_memory()
+
+    def block_bytes(self, i: int) -> int:
+        """Bytes block i occupies once materialized in ``dtype``."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(p.numel() for p in self.blocks[i].parameters()) * itemsize
+
+
+def streaming_weights(model: nn.Module) -> StreamingWeights | None:
+    """The StreamingWeights of a model opened by :func:`open_streaming`, else None."""
+    return getattr(model, _STREAMING_ATTR, None)
+
+
+def open_streaming(
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
+    """The model skeleton with its non-block weights (embeddings, final norm, lm_head) loaded and every
+    decoder block left on the meta device; ``LoadedModel.streaming`` materializes blocks on demand.
+    Buffers (rotary frequencies) are built for real; tied embeddings stay tied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_spec(spec)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    check_model_type(config)
+    keys = _shard_map(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    streaming = StreamingWeights(model, folder, dtype, device, keys)
+    block_prefix = streaming.prefix + "."
+    out_emb = model.get_output_embeddings()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out_emb is not None
+    owners = []
+    for mname, module in model.named_modules():
+        if mname.startswith(block_prefix):
+            continue
+        if tied and module is out_emb:
+            continue  # re-tied below
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.append((f"{mname + '.' if mname else ''}{attr}", module, attr))
+    streaming.load_into(owners)
+    if tied:
+        out_emb.weight = model.get_input_embeddings().weight
+    dev = torch.device(device)
+    for mname, module in model.named_modules():
+        for attr, buf in module._buffers.items():
+            if buf is None:
+                continue
+            if buf.device.type == "meta":
+                raise RuntimeError(f"buffer {mname}.{attr} was not built (left on meta)")
+            if buf.device != dev:
+                module._buffers[attr] = buf.to(dev)
+    model.eval()
+    setattr(model, _STREAMING_ATTR, streaming)
+    # A bare weights folder (synthetic checkpoints, benchmarks) may have no tokenizer.
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tokenizer = (
+        AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        if has_tokenizer else None
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(folder), streaming=streaming)

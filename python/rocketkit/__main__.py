@@ -1,0 +1,5 @@
+import sys
+
+from rocketkit.cli import main
+
+sys.exit(main())

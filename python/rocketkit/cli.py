@@ -1,0 +1,111 @@
+"""Command line: ``rocketkit compress MODEL ...`` and ``rocketkit info CKPT``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rocketkit", description="Training-free LLM compression with ROCKET.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="profile, allocate, factorize and save a compressed checkpoint")
+    c.add_argument("model", help="a local HF folder, a .gguf file, or the alias 'smollm2'")
+    c.add_argument("--ratio", type=float, required=True, help="fraction of linear-layer parameters to remove, in (0, 1)")
+    c.add_argument("--cost", choices=("weight", "output", "blend"), default="weight",
+                   help="allocation cost: weight (ROCKET), output (ROCKET-ActCost), blend (needs --alpha)")
+    c.add_argument("--alpha", type=float, default=None, help="blend weight: alpha*e_w + (1-alpha)*e_o")
+    c.add_argument("--method", choices=("mckp", "uniform"), default="mckp", help="global knapsack or uniform baseline")
+    c.add_argument("--weighting", choices=("none", "params"), default="none",
+                   help="weight each layer's error by its share of parameters")
+    c.add_argument("--calib-tokens", type=int, default=131072)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens for perplexity (0: skip)")
+    c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--grid", choices=("full", "reduced"), default="full",
+                   help="full: cr 0.05..0.70 x ks 1.0..3.0 (294); reduced: cr 0.1..0.7 x ks {1,1.5,2,2.5,3}")
+    c.add_argument("--crs", type=_float_list, default=None, help="custom comma-separated cr values (overrides --grid)")
+    c.add_argument("--kss", type=_float_list, default=None, help="custom comma-separated ks values (overrides --grid)")
+    c.add_argument("--buckets", type=int, default=50000)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("info", help="bytes on disk, parameters and ratio of a compressed checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true", help="print the raw JSON")
+    return p
+
+
+def _compress(args) -> int:
+    from rocketkit import profile as prof
+    from rocketkit.pipeline import compress, format_summary
+
+    crs, kss = (prof.DEFAULT_CRS, prof.DEFAULT_KS) if args.grid == "full" else (prof.REDUCED_CRS, prof.REDUCED_KS)
+    summary = compress(
+        args.model, args.ratio, cost=args.cost, alpha=args.alpha, calib_tokens=args.calib_tokens,
+        seq_len=args.seq_len, out_dir=args.out, crs=args.crs or crs, kss=args.kss or kss, buckets=args.buckets,
+        eval_tokens=args.eval_tokens, device=args.device, progress=not args.no_progress,
+        batch_size=args.batch_size, method=args.method, weighting=None if args.weighting == "none" else "params",
+        overwrite=args.overwrite, seed=args.seed,
+    )
+    print("rocketkit compress: done")
+    print(format_summary(summary))
+    return 0
+
+
+def _info(args) -> int:
+    import json
+
+    from rocketkit.checkpoint import checkpoint_info
+
+    info = checkpoint_info(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    mib = 1024 * 1024
+    b, p = info["bytes"], info["params"]
+    rows = [
+        ("checkpoint", info["path"]),
+        ("model type", str(info["model_type"])),
+        ("factorized layers", str(info["factorized_layers"]) + f" (cost {info['cost']})"),
+        ("ratio target / achieved", f"{info['ratio']['target']} / {info['ratio']['achieved']:.4f}"),
+        ("params total", f"{p['total']:,}"),
+        ("params factorized (before -> after)", f"{p['factorized_layers_dense']:,} -> {p['factorized_layers_after']:,}"),
+        ("bytes U", f"{b['U']:,} ({b['U'] / mib:.2f} MiB)"),
+        ("bytes C values", f"{b['C_values']:,} ({b['C_values'] / mib:.2f} MiB)"),
+        ("bytes C indices", f"{b['C_indices']:,} ({b['C_indices'] / mib:.2f} MiB)"),
+        ("bytes dense rest", f"{b['dense']:,} ({b['dense'] / mib:.2f} MiB)"),
+        ("bytes folder total", f"{b['folder_total']:,} ({b['folder_total'] / mib:.2f} MiB)"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print("\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _compress(args) if args.command == "compress" else _info(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"rocketkit {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"rocketkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""End to end: pipeline.compress on tiny Llama/Qwen3/Mistral and on real SmolLM2 weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_tiny_ids
+from rocketkit import load_pretrained
+from rocketkit.models import LoadedModel
+from rocketkit.modules import FactorizedLinear
+from rocketkit.pipeline import compress, format_summary
+
+SMALL_GRID = dict(crs=(0.2, 0.4, 0.6), kss=(1.0, 2.0))
+
+
+def _check_checkpoint(out, model, ids, tol=1e-6):
+    cfg = json.loads((out / "config.json").read_text())
+    layers = cfg["rocketkit"]["layers"]
+    assert layers
+    for rec in layers:
+        p, a = rec["errors"]["profiled"], rec["errors"]["applied"]
+        assert abs(p["e_weight"] - a["e_weight"]) <= tol, rec["name"]
+        assert abs(p["e_output"] - a["e_output"]) <= tol, rec["name"]
+    for f in ("profile.json", "profile.safetensors", "allocation.json", "summary.json", "model.safetensors"):
+        assert (out / f).is_file(), f
+    loaded = load_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    return cfg
+
+
+@pytest.mark.parametrize("family,cost,alpha", [("llama", "weight", None), ("qwen3", "output", None), ("mistral", "blend", 0.5)])
+def test_compress_tiny(tiny_model_factory, tmp_path, family, cost, alpha):
+    model = tiny_model_factory(family)
+    ids, eval_ids = make_tiny_ids(4, 33, seed=1), make_tiny_ids(2, 33, seed=2)
+    out = tmp_path / "out"
+    s = compress(LoadedModel(model, None, f"tiny-{family}"), 0.25, cost=cost, alpha=alpha, out_dir=out,
+                 calib_ids=ids, eval_ids=eval_ids, progress=False, buckets=5000, **SMALL_GRID)
+    assert s["achieved_ratio"] >= 0.25 and s["compressible_params_after"] <= (1 - 0.25) * s["compressible_params_before"]
+    assert s["factorized_layers"] > 0 and s["max_profiled_vs_applied_error"] <= 1e-6
+    assert s["params_after"] < s["params_before"]
+    assert s["ppl_before"] > 0 and s["ppl_after"] > 0
+    assert set(s["time_s"]) >= {"calibrate_profile", "allocate", "factorize", "save", "eval_before", "eval_after"}
+    assert s["bytes"]["C_indices"] > 0
+    assert json.loads((out / "summary.json").read_text())["achieved_ratio"] == s["achieved_ratio"]
+    assert "ratio target / achieved" in format_summary(s)
+    _check_checkpoint(out, model, ids)
+
+
+def test_compress_bad_input(tiny_llama, tmp_path):
+    lm = LoadedModel(tiny_llama, None, "tiny")
+    with pytest.raises(ValueError, match="ratio"):
+        compress(lm, 1.0, out_dir=tmp_path / "a", calib_ids=make_tiny_ids())
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=64))
+        compress(LoadedModel(gpt2, None, "gpt2"), 0.2, out_dir=tmp_path / "b", calib_ids=make_tiny_ids(), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _truncated(loaded: LoadedModel, n_blocks: int) -> LoadedModel:
+    """A deep copy of the real model keeping its first n_blocks decoder blocks (real weights)."""
+    model = copy.deepcopy(loaded.model)
+    model.model.layers = torch.nn.ModuleList(model.model.layers[:n_blocks])
+    model.config.num_hidden_layers = n_blocks
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n_blocks]
+    return LoadedModel(model, loaded.tokenizer, loaded.source)
+
+
+def _smollm2_profiled_equals_applied(smollm2, tmp_path, n_blocks):
+    lm = _truncated(smollm2, n_blocks) if n_blocks else LoadedModel(copy.deepcopy(smollm2.model), smollm2.tokenizer, smollm2.source)
+    out = tmp_path / "smol"
+    s = compress(lm, 0.2, cost="output", calib_tokens=256, seq_len=128, out_dir=out, progress=False, **SMALL_GRID)
+    assert s["factorized_layers"] > 0
+    assert s["max_profiled_vs_applied_error"] <= 1e-6
+    assert s["achieved_ratio"] >= 0.2
+    ids = make_tiny_ids(2, 16, seed=3)
+    cfg = _check_checkpoint(out, lm.model, ids)
+    assert all(isinstance(lm.model.get_submodule(r["name"]), FactorizedLinear) for r in cfg["rocketkit"]["layers"])
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_profiled_equals_applied(smollm2, tmp_path):
+    """Real SmolLM2 weights and tokenizer, first block (7 layers), real BoolQ calibration text."""
+    _smollm2_profiled_equals_applied(smollm2, tmp_path, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ROCKETKIT_FULL_SMOLLM2") != "1", reason="set ROCKETKIT_FULL_SMOLLM2=1 (all 210 layers, minutes)")
+def test_smollm2_full_profiled_equals_applied(smollm2, tmp_path):
+    _smollm2_profiled_equals_applied(smollm2, tmp_path, 0)
