@@ -47,7 +47,7 @@ def reference_ridge_cholesky(G):
 
 
 def reference_factorization(W, S, k, s):
-    """Ŵ and ridge of candidate (k, s), built explicitly."""
+    """Ŵ, masked C, mask and relative ridge of candidate (k, s), built explicitly."""
     Su = np.triu(S)
     WL = Su @ W
     Ufull, sig, Vt = np.linalg.svd(WL, full_matrices=False)
@@ -60,6 +60,8 @@ def reference_factorization(W, S, k, s):
     else:
         G = Cm @ Cm.T
         L, eps = reference_ridge_cholesky(G)
+        mean = np.trace(G) / k
+        eps = eps / (mean if mean > 0 else 1.0)  # factorize reports the ridge relative to mean(diag G)
     Dstar = sla.cho_solve((L, True), Cm @ WL.T).T
     What = sla.solve_triangular(Su, Dstar @ Cm, lower=False)
     return What, Cm, keep, eps

@@ -12,6 +12,7 @@ ROCKETKIT_FUZZ_EXAMPLES to change the number of examples per test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import Counter
@@ -157,7 +158,8 @@ def mutated(draw, a: np.ndarray, rng: np.random.Generator, integer: bool = False
         if not isinstance(a, np.ndarray):
             break
         kind = draw(st.sampled_from(["layout", "layout", "value", "value", "dtype", "shape", "type"]))
-        with np.errstate(all="ignore"), warnings.catch_warnings():
+        with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.suppress(IndexError, ValueError, TypeError):
+            # A mutation that does not apply to this array (a row of a 0-d array) leaves it as it is.
             warnings.simplefilter("ignore")  # lossy casts are the point here
             if kind == "layout":
                 layout = draw(st.sampled_from(sorted(LAYOUTS)))
@@ -563,7 +565,8 @@ def test_factorized_matmul(data):
     if bias is not None:
         bias = data.draw(mutated(bias, rng))
     threads = data.draw(hostile_int(st.sampled_from([0, 1, 2])))
-    if data.draw(st.booleans()):
+    raw = data.draw(st.booleans())
+    if raw:
         y = call("_C.factorized_matmul", _C.factorized_matmul, x, U, values, indices, bias, threads)
     else:
         y = call("factorized_matmul", _native.factorized_matmul, x, U, values, indices, bias, threads)
@@ -571,10 +574,15 @@ def test_factorized_matmul(data):
         return
     # A result means every input was well formed: compare with a dense fp64 reference.
     x, U, values, indices = (np.asarray(a) for a in (x, U, values, indices))
+    if not raw:  # the public call takes (..., d1)
+        assert x.ndim >= 1 and y.shape == x.shape[:-1] + (values.shape[1],)
+        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, values.shape[1])
     assert x.ndim == U.ndim == values.ndim == indices.ndim == 2 and indices.shape == values.shape
     kk = U.shape[1]
-    if x.shape[0]:  # with no rows nothing is computed, and infer.h lets indices go unchecked
-        assert np.all((indices >= 0) & (indices < kk)), "an index outside [0, k) was accepted"
+    if not x.shape[0]:  # with no rows nothing is computed, and infer.h lets indices go unchecked
+        assert y.shape == (0, values.shape[1])
+        return
+    assert np.all((indices >= 0) & (indices < kk)), "an index outside [0, k) was accepted"
     C = np.zeros((kk, values.shape[1]))
     np.add.at(C, (indices.astype(np.int64), np.arange(values.shape[1])[None, :].repeat(len(values), 0)),
               values.astype(np.float64))

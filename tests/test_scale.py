@@ -173,14 +173,18 @@ def test_runlog(tmp_path):
 
 def _worker(folder: str, mode: str) -> None:
     """Calibrate + whiten every block of ``folder`` on 4 x 64 tokens; print peak RSS as JSON."""
-    import resource
-
     torch.set_num_threads(1)
     from rocketkit.calibrate import stream_blocks
     from rocketkit.models import load_model
     from rocketkit.whiten import whiten
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) high-water mark into ru_maxrss
+    # across fork + exec, so every worker would report the test process's peak.
+    from transformers import AutoModelForCausalLM  # noqa: F401  (the libraries are not the model)
+
+    from rocketkit.runlog import vm_hwm_bytes
+
+    base = vm_hwm_bytes()
     model = load_model(folder, stream=True).model if mode == "stream" else _dense(folder)
     ids = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
     n = 0
@@ -189,7 +193,7 @@ def _worker(folder: str, mode: str) -> None:
             whiten(g.H)
         n += 1
         del cb
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = vm_hwm_bytes()
     print(json.dumps({"peak_rss": peak, "base_rss": base, "blocks": n}))
 
 

@@ -61,6 +61,8 @@ void bind_errors(py::module_& m) {
       "whitened_errors_cuda",
       [](uintptr_t W, uintptr_t S, int64_t d1, int64_t d2, CArrayI64 candidates, uintptr_t e_w,
          uintptr_t e_o, uintptr_t stream) {
+        if (candidates.ndim() != 2 || candidates.shape(1) != 2)
+          throw std::invalid_argument("[whitened_errors] candidates must be (n, 2)");
         py::gil_scoped_release nogil;
         rocketkit::cuda::whitened_errors(
             reinterpret_cast<const double*>(W), reinterpret_cast<const double*>(S), d1, d2,

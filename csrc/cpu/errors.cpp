@@ -195,7 +195,8 @@ void coefficients_times_V(const LayerBasis& b, int64_t k, const double* CmT, dou
 }
 
 double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* CmT, double* L,
-                   double* G) {
+                   double* G, double* relative) {
+  if (relative) *relative = 0;
   const size_t kk = size_t(k) * size_t(k);
   if (s == k) {
     // C_k C_kᵀ = Σ_k² exactly; a diagonal needs no factorization unless some σ_i² is 0.
@@ -221,7 +222,10 @@ double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* CmT,
     if (eps > 0)
       for (int64_t i = 0; i < k; ++i) L[i * k + i] += eps;
     const lapack_int info = scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', lapack_int(k), L, lapack_int(k));
-    if (info == 0) return eps;
+    if (info == 0) {
+      if (relative) *relative = eps / base;
+      return eps;
+    }
     if (info < 0) ROCKETKIT_FAIL("whitened_errors", "dpotrf argument error ", info);
     eps = eps == 0 ? 1e-12 * base : eps * 10;
   }
@@ -255,6 +259,54 @@ void check_candidate(const char* fn, int64_t k, int64_t s, int64_t r, int64_t ro
   ROCKETKIT_CHECK(k >= 1 && k <= r, fn, "candidate ", row, ": rank k = ", k,
                   " must be in [1, min(d1, d2) = ", r, "]");
   ROCKETKIT_CHECK(s >= 1 && s <= k, fn, "candidate ", row, ": s = ", s, " must be in [1, k = ", k, "]");
+}
+
+// Power-of-two exponent e with max|a|·2^-e in [0.5, 1); 0 for an all-zero a.
+int max_exponent(double amax) {
+  int e = 0;
+  if (amax > 0) std::frexp(amax, &e);
+  return e;
+}
+
+// W and S rescaled by powers of two (exact) when either lies outside a range where every product
+// below stays normal; both relative errors are invariant under such scalings.
+struct ScaledLayer {
+  const double* W;
+  const double* S;
+  int ew = 0, es = 0;  // the inputs are W·2^ew and S·2^es
+  std::vector<double> W_copy, S_copy;
+};
+
+constexpr int kSafeExponent = 64;
+
+ScaledLayer rescale_layer(const double* W, const double* S, int64_t d1, int64_t d2) {
+  ScaledLayer out{W, S};
+  double wmax = 0, smax = 0;
+  for (int64_t i = 0; i < d1 * d2; ++i) wmax = std::max(wmax, std::fabs(W[i]));
+  for (int64_t i = 0; i < d1; ++i)
+    for (int64_t j = i; j < d1; ++j) smax = std::max(smax, std::fabs(S[i * d1 + j]));
+  const int ew = max_exponent(wmax), es = max_exponent(smax);
+  if (std::abs(ew) > kSafeExponent) {
+    out.ew = ew;
+    out.W_copy.resize(size_t(d1) * size_t(d2));
+    for (int64_t i = 0; i < d1 * d2; ++i) out.W_copy[i] = std::ldexp(W[i], -ew);
+    out.W = out.W_copy.data();
+  }
+  if (std::abs(es) > kSafeExponent) {
+    out.es = es;
+    out.S_copy.assign(size_t(d1) * size_t(d1), 0.0);
+    for (int64_t i = 0; i < d1; ++i)
+      for (int64_t j = i; j < d1; ++j) out.S_copy[i * d1 + j] = std::ldexp(S[i * d1 + j], -es);
+    out.S = out.S_copy.data();
+  }
+  return out;
+}
+
+void check_scaled_diagonal(const char* fn, const ScaledLayer& sc, int64_t d1) {
+  for (int64_t i = 0; i < d1; ++i)
+    ROCKETKIT_CHECK(sc.S[i * d1 + i] > 0, fn, "S[", i, ", ", i,
+                    "] underflows once S is scaled to unit size: its diagonal spans more than the "
+                    "double range (S is numerically singular)");
 }
 
 struct Workspace {
@@ -378,7 +430,9 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
     return;
   }
 
-  const LayerBasis b = build_layer_basis(W, S, d1, d2, /*keep_U=*/false, /*keep_R=*/true);
+  const ScaledLayer sc = rescale_layer(W, S, d1, d2);
+  check_scaled_diagonal(fn, sc, d1);
+  const LayerBasis b = build_layer_basis(sc.W, sc.S, d1, d2, /*keep_U=*/false, /*keep_R=*/true);
 
   // Largest ranks first, so the slowest candidates do not end up last on one thread.
   std::vector<int64_t> todo(n);
@@ -430,12 +484,15 @@ void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t
   ROCKETKIT_CHECK(U != nullptr && values != nullptr && indices != nullptr, fn,
                   "outputs must not be null");
 
-  const LayerBasis b = build_layer_basis(W, S, d1, d2, /*keep_U=*/true, /*keep_R=*/false);
+  const ScaledLayer sc = rescale_layer(W, S, d1, d2);
+  check_scaled_diagonal(fn, sc, d1);
+  const LayerBasis b = build_layer_basis(sc.W, sc.S, d1, d2, /*keep_U=*/true, /*keep_R=*/false);
   const int64_t r = b.r;
   std::vector<double> CmT(size_t(d2) * k), Y(size_t(k) * r), L(size_t(k) * k), G(size_t(k) * k);
   std::vector<double> scratch;
   select_mask(b, k, s, CmT.data(), values, indices, scratch);
-  const double eps = factor_gram(b, k, s, CmT.data(), L.data(), G.data());
+  double ridge_relative = 0;
+  const double eps = factor_gram(b, k, s, CmT.data(), L.data(), G.data(), &ridge_relative);
   coefficients_times_V(b, k, CmT.data(), Y.data());
   // D*ᵀ = (G+εI)⁻¹ C_m W_Lᵀ = (G+εI)⁻¹ (Y·Σ) Uᵀ.
   for (int64_t i = 0; i < k; ++i)
@@ -447,8 +504,22 @@ void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t
   scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(d1), int(k), int(r), 1.0, b.U.data(),
               int(r), Y.data(), int(r), 0.0, U, int(k));
   scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, int(d1), int(k), 1.0,
-              S, int(d1), U, int(k));
-  if (ridge) *ridge = eps;
+              sc.S, int(d1), U, int(k));
+  for (int64_t i = 0; i < d1 * k; ++i)
+    ROCKETKIT_CHECK(std::isfinite(U[i]), fn, "U = S⁻¹·D* overflows: S is numerically singular "
+                    "(whiten its Gram with jitter first)");
+  // Ŵ = 2^ew·U·C. Split 2^ew so that max|U| and max|C| are a power of two apart at most: neither
+  // overflows, and both keep their precision when stored in fp16/bf16.
+  double umax = 0, cmax = 0;
+  for (int64_t i = 0; i < d1 * k; ++i) umax = std::max(umax, std::fabs(U[i]));
+  for (int64_t i = 0; i < s * d2; ++i) cmax = std::max(cmax, std::fabs(values[i]));
+  if (umax > 0 && cmax > 0) {
+    const int shift_u = (sc.ew + max_exponent(cmax) - max_exponent(umax)) / 2;
+    const int shift_c = sc.ew - shift_u;
+    for (int64_t i = 0; i < d1 * k; ++i) U[i] = std::ldexp(U[i], shift_u);
+    for (int64_t i = 0; i < s * d2; ++i) values[i] = std::ldexp(values[i], shift_c);
+  }
+  if (ridge) *ridge = ridge_relative;
 }
 
 }  // namespace rocketkit

@@ -44,8 +44,9 @@ void coefficients_times_V(const LayerBasis& b, int64_t k, const double* Cm, doub
 
 /// L·Lᵀ = C_m C_mᵀ + εI in `L` (k×k row-major, lower). ε = 0 unless the plain Cholesky fails;
 /// then ε = 1e-12·mean(diag G) (1e-12 if G = 0), ×10 until it succeeds. `scratch` k×k.
-/// For s = k, G = Σ_k² exactly (C_k C_kᵀ = Σ_k V_kᵀV_k Σ_k). Returns ε.
+/// For s = k, G = Σ_k² exactly (C_k C_kᵀ = Σ_k V_kᵀV_k Σ_k). Returns ε; `relative` (may be
+/// null) gets ε / mean(diag G), the scale-free figure that factorize reports.
 double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* Cm, double* L,
-                   double* scratch);
+                   double* scratch, double* relative = nullptr);
 
 }  // namespace rocketkit::errors_detail

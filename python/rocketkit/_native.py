@@ -51,8 +51,16 @@ class MckpSolution(NamedTuple):
     kept_candidates: int
 
 
+def _asarray(fn: str, name: str, a, dtype=None) -> np.ndarray:
+    """np.asarray, with NumPy's complaint about ragged or odd inputs turned into a [fn] ValueError."""
+    try:
+        return np.asarray(a, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"[{fn}] {name} is not a rectangular numeric array: {e}") from None
+
+
 def _as_f64_matrix(name: str, fn: str, a) -> np.ndarray:
-    a = np.asarray(a)
+    a = _asarray(fn, name, a)
     if a.ndim != 2:
         raise ValueError(f"[{fn}] {name} must be 2-D, got shape {a.shape}")
     if a.dtype != np.float64:
@@ -89,7 +97,7 @@ def whitened_errors(W, S, candidates, num_threads: int = 0):
     gives zeros.
     """
     W, S = _check_layer("whitened_errors", W, S)
-    cand = np.asarray(candidates)
+    cand = _asarray("whitened_errors", "candidates", candidates)
     if cand.ndim != 2 or cand.shape[1] != 2 or not np.issubdtype(cand.dtype, np.integer):
         raise ValueError(f"[whitened_errors] candidates must be an (n, 2) integer array, got {cand.dtype} {cand.shape}")
     if cand.dtype.kind == "u" and cand.size and cand.max() > _INT64_MAX:
@@ -105,7 +113,8 @@ def factorize(W, S, k: int, s: int) -> Factors:
     """The factorization rocketkit applies for candidate (k, s): same basis and mask as profiling.
 
     ``U`` is (d1, k); C has ``values`` (s, d2) at rows ``indices`` (s, d2, int32, ascending
-    per column); ``ridge`` is the ε added to C·Cᵀ (0 unless it was singular).
+    per column); ``ridge`` is the ε added to C·Cᵀ relative to mean(diag C·Cᵀ) (0 unless it was
+    singular). U and C are balanced by a power of two (max|U| ≈ max|C|), which suits fp16 storage.
     """
     W, S = _check_layer("factorize", W, S)
     k = _index_arg("factorize", "k", k)
@@ -156,7 +165,7 @@ def solve_mckp(errors, params, budget: int, buckets: int = 50000, num_threads: i
     num_threads = _mckp_int("num_threads", num_threads, 0)
     flat_e, flat_p, sizes = [], [], []
     for l, (e, p) in enumerate(zip(errors, params)):
-        e, p = np.asarray(e), np.asarray(p)
+        e, p = _asarray("solve_mckp", f"errors[{l}]", e), _asarray("solve_mckp", f"params[{l}]", p)
         if e.ndim != 1 or p.ndim != 1 or e.shape != p.shape:
             raise ValueError(f"[solve_mckp] layer {l}: errors {e.shape} and params {p.shape} must be equal-length 1-D arrays")
         if e.size == 0:
@@ -187,7 +196,7 @@ def _infer_array(fn: str, name: str, a, dtype) -> np.ndarray:
         if a.is_floating_point() and a.dtype.itemsize < 4:  # bf16/f16 have no exact NumPy twin here
             a = a.float()
         a = a.numpy()
-    a = np.asarray(a)
+    a = _asarray(fn, name, a)
     if np.dtype(dtype).kind == "f":
         if a.dtype.kind != "f":
             raise ValueError(f"[{fn}] {name} must be floating point, got {a.dtype}")
@@ -211,7 +220,7 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
         if x.device.type != "cpu":
             raise ValueError(f"[{fn}] x must be on the CPU, got {x.device}")
         xa = x.detach().numpy()
-    xa = np.asarray(xa)
+    xa = _asarray(fn, "x", xa)
     if xa.dtype not in (np.float32, np.float64):
         raise ValueError(f"[{fn}] x must be float32 or float64, got {xa.dtype}")
     if xa.ndim < 1:
@@ -222,7 +231,7 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
     idx = indices
     if hasattr(idx, "detach") and hasattr(idx, "device"):
         idx = idx.detach().cpu().numpy()
-    idx = np.asarray(idx)
+    idx = _asarray(fn, "indices", idx)
     if idx.dtype not in (np.int16, np.int32):
         raise ValueError(f"[{fn}] indices must be int16 or int32, got {idx.dtype}")
     idx = np.ascontiguousarray(idx)
@@ -230,6 +239,8 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
         raise ValueError(f"[{fn}] U, values and indices must be 2-D, got {U.shape}, {values.shape}, {idx.shape}")
     d1, k = U.shape
     s, d2 = values.shape
+    if min(d1, k, s, d2) < 1:
+        raise ValueError(f"[{fn}] U {U.shape} and values {values.shape} must be non-empty")
     if xa.shape[-1] != d1:
         raise ValueError(f"[{fn}] x has {xa.shape[-1]} features but U has {d1} rows")
     if idx.shape != (s, d2):
@@ -245,7 +256,7 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
     if num_threads < 0:
         raise ValueError(f"[{fn}] num_threads must be >= 0, got {num_threads}")
     lead = xa.shape[:-1]
-    x2 = np.ascontiguousarray(xa.reshape(-1, d1))
+    x2 = np.ascontiguousarray(xa.reshape(math.prod(lead), d1))
     y = _C.factorized_matmul(x2, U, values, idx, b, num_threads).reshape(*lead, d2)
     if as_torch:
         import torch

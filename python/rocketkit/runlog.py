@@ -49,6 +49,14 @@ def process_peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * _KIB)
 
 
+def vm_hwm_bytes() -> int:
+    """This process's own peak RSS (VmHWM). Unlike ru_maxrss it starts afresh at exec: Linux
+    carries the parent's high-water mark into ru_maxrss across fork + exec. Falls back to
+    ru_maxrss where /proc is missing."""
+    kib = _read_status_kib("VmHWM")
+    return kib * _KIB if kib is not None else process_peak_rss_bytes()
+
+
 def current_rss_bytes() -> int | None:
     kib = _read_status_kib("VmRSS")
     return None if kib is None else kib * _KIB

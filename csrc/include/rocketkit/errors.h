@@ -13,6 +13,8 @@
 //    G = Σ_k², its exact value). ε = 0 when the Cholesky of G succeeds. Otherwise (an atom
 //    never selected, a zero singular value) ε = 1e-12·mean(diag G) (1e-12 if G = 0), grown
 //    ×10 until the Cholesky succeeds; factorize reports it and the errors include its effect;
+//  - W and S far from unit scale (max entry beyond 2^±64) are first rescaled by powers of two,
+//    which changes neither relative error, so tiny, huge and denormal layers stay finite;
 //  - Ŵ = S⁻¹ D* C_m, stored as U = S⁻¹D* (triangular solve) and the s kept entries of C.
 // Profiling and factorize share one implementation of the basis, mask and ridge.
 #pragma once
@@ -44,7 +46,10 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
 /// @param U        out, d1×k dense: S⁻¹·D*, D* the least-squares dictionary.
 /// @param values   out, s×d2: the kept entries of C, column j in values[:, j].
 /// @param indices  out, s×d2: their row indices in [0, k), ascending within each column.
-/// @param ridge    out (may be null): the ridge ε added to CCᵀ (0 unless CCᵀ was singular).
+/// @param ridge    out (may be null): the ridge added to CCᵀ relative to mean(diag CCᵀ), so
+///                 1e-12·10^j (0 unless CCᵀ was singular).
+/// The split of Ŵ between U and C is balanced by a power of two (exact): max|U| and max|C| are
+/// within a factor 4 of each other, so neither overflows and both survive fp16/bf16 storage.
 void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t k, int64_t s,
                double* U, double* values, int32_t* indices, double* ridge);
 
