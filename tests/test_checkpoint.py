@@ -83,7 +83,7 @@ def test_index_dtype():
 @pytest.fixture
 def compressed_tiny(tiny_model_factory, tiny_ids):
     from rocketkit.allocate import allocate
-    from rocketkit.factorize import apply_allocation
+    from rocketkit.apply import apply_allocation
     from rocketkit.profile import profile_model
 
     def build(family="llama", **overrides):
@@ -188,7 +188,7 @@ def test_save_requires_applied_allocation(tiny_llama, tiny_ids, tmp_path):
 
 def test_apply_rejects_foreign_allocation(tiny_model_factory, tiny_ids):
     from rocketkit.allocate import allocate
-    from rocketkit.factorize import apply_allocation
+    from rocketkit.apply import apply_allocation
     from rocketkit.profile import profile_model
 
     prof = profile_model(tiny_model_factory("llama"), tiny_ids, crs=(0.5,), kss=(1.0,), progress=False)

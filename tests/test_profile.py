@@ -96,7 +96,7 @@ def test_profile_errors_match_explicit_reconstruction(tiny_llama, tiny_ids):
     """Profiled errors are those of rocketkit.factorize's reconstruction (fp64 reference)."""
     from rocketkit import factorize
     from rocketkit.calibrate import stream_blocks
-    from rocketkit.factorize import dense_C, measured_errors
+    from rocketkit.apply import dense_C, measured_errors
     from rocketkit.profile import weight_f64, whiten_grams
 
     prof = profile_model(tiny_llama, tiny_ids, crs=(0.3, 0.6), kss=(1.0, 2.5), progress=False)

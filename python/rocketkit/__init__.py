@@ -23,7 +23,7 @@ _LAZY = {
     "candidate_grid": "rocketkit.profile",
     "Allocation": "rocketkit.allocate",
     "allocate": "rocketkit.allocate",
-    "apply_allocation": "rocketkit.factorize",
+    "apply_allocation": "rocketkit.apply",
 }
 
 

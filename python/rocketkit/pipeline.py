@@ -43,7 +43,7 @@ def compress(
 
     ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data)."""
     from rocketkit.checkpoint import save_compressed
-    from rocketkit.factorize import apply_allocation
+    from rocketkit.apply import apply_allocation
     from rocketkit.fileio import atomic_write_json
     from rocketkit.models import LoadedModel, load_model
     from rocketkit.profile import profile_model
