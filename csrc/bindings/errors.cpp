@@ -5,10 +5,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "arrays.h"
 #include "rocketkit/cuda.h"
 #include "rocketkit/errors.h"
 
 namespace py = pybind11;
+using rocketkit_bindings::aligned;
 
 namespace {
 // Shapes are read before the core sees raw pointers, so check them here.
@@ -24,6 +26,7 @@ void bind_errors(py::module_& m) {
   m.def(
       "whitened_errors",
       [](CArrayD W, CArrayD S, CArrayI64 candidates, int num_threads) {
+        W = aligned(W), S = aligned(S), candidates = aligned(candidates);
         check_shapes("whitened_errors", W, S);
         if (candidates.ndim() != 2 || candidates.shape(1) != 2)
           throw std::invalid_argument("[whitened_errors] candidates must be (n, 2)");
@@ -41,6 +44,7 @@ void bind_errors(py::module_& m) {
   m.def(
       "factorize",
       [](CArrayD W, CArrayD S, int64_t k, int64_t s) {
+        W = aligned(W), S = aligned(S);
         check_shapes("factorize", W, S);
         const int64_t d1 = W.shape(0), d2 = W.shape(1);
         if (k < 1 || k > std::min(d1, d2) || s < 1 || s > k)
@@ -61,6 +65,7 @@ void bind_errors(py::module_& m) {
       "whitened_errors_cuda",
       [](uintptr_t W, uintptr_t S, int64_t d1, int64_t d2, CArrayI64 candidates, uintptr_t e_w,
          uintptr_t e_o, uintptr_t stream) {
+        candidates = aligned(candidates);
         if (candidates.ndim() != 2 || candidates.shape(1) != 2)
           throw std::invalid_argument("[whitened_errors] candidates must be (n, 2)");
         py::gil_scoped_release nogil;

@@ -3,10 +3,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "arrays.h"
 #include "rocketkit/check.h"
 #include "rocketkit/infer.h"
 
 namespace py = pybind11;
+using rocketkit_bindings::aligned;
 
 namespace {
 
@@ -21,14 +23,14 @@ py::array_t<T> run(const py::array& x, const py::array& U, const py::array& valu
   ROCKETKIT_CHECK(U.shape(0) == d1, fn, "U has ", U.shape(0), " rows, x has ", d1, " columns");
   ROCKETKIT_CHECK(indices.shape(0) == s && indices.shape(1) == d2, fn, "indices (", indices.shape(0),
                   ", ", indices.shape(1), ") must match values (", s, ", ", d2, ")");
-  auto xa = py::array_t<T, py::array::c_style>::ensure(x);
-  auto Ua = py::array_t<T, py::array::c_style>::ensure(U);
-  auto va = py::array_t<T, py::array::c_style>::ensure(values);
-  auto ia = py::array_t<I, py::array::c_style>::ensure(indices);
+  auto xa = aligned(py::array_t<T, py::array::c_style>::ensure(x));
+  auto Ua = aligned(py::array_t<T, py::array::c_style>::ensure(U));
+  auto va = aligned(py::array_t<T, py::array::c_style>::ensure(values));
+  auto ia = aligned(py::array_t<I, py::array::c_style>::ensure(indices));
   ROCKETKIT_CHECK(xa && Ua && va && ia, fn, "unexpected dtypes");
   py::array_t<T, py::array::c_style> ba;
   if (!bias.is_none()) {
-    ba = py::array_t<T, py::array::c_style>::ensure(bias);
+    ba = aligned(py::array_t<T, py::array::c_style>::ensure(bias));
     ROCKETKIT_CHECK(ba && ba.ndim() == 1 && ba.shape(0) == d2, fn, "bias must have ", d2, " entries");
   }
   py::array_t<T> y({py::ssize_t(n), py::ssize_t(d2)});

@@ -1,11 +1,13 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "arrays.h"
 #include "rocketkit/check.h"
 #include "rocketkit/cuda.h"
 #include "rocketkit/mckp.h"
 
 namespace py = pybind11;
+using rocketkit_bindings::aligned;
 using CArrayD = py::array_t<double, py::array::c_style>;
 using CArrayI64 = py::array_t<int64_t, py::array::c_style>;
 
@@ -38,6 +40,7 @@ void bind_mckp(py::module_& m) {
       "solve_mckp",
       [](CArrayD errors, CArrayI64 params, CArrayI64 offsets, int64_t budget, int64_t buckets,
          int num_threads) {
+        errors = aligned(errors), params = aligned(params), offsets = aligned(offsets);
         // The core trusts offsets to index the flat arrays; only here are their lengths known.
         ROCKETKIT_CHECK(errors.ndim() == 1 && params.ndim() == 1 && offsets.ndim() == 1, "solve_mckp",
                         "errors, params and offsets must be 1-D");
@@ -62,6 +65,7 @@ void bind_mckp(py::module_& m) {
       "solve_mckp_cuda",
       [](uintptr_t errors, uintptr_t params, CArrayI64 offsets, int64_t budget, int64_t buckets,
          uintptr_t stream) {
+        offsets = aligned(offsets);
         ROCKETKIT_CHECK(offsets.ndim() == 1 && offsets.shape(0) >= 2, "solve_mckp_cuda",
                         "offsets needs num_layers+1 >= 2 entries");
         rocketkit::MckpResult r;
