@@ -143,44 +143,49 @@ LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64
   return b;
 }
 
-// V is stored in b.Vt as d2×r row-major (see build_layer_basis).
+// V is stored in b.Vt as d2×r row-major (see build_layer_basis): column j of C is
+// σ_i·Vt[j·r + i], contiguous.
+ColumnOrder column_order(const LayerBasis& b, int64_t kord, int threads) {
+  ColumnOrder order;
+  order.kord = kord;
+  order.rows.resize(size_t(b.d2) * size_t(kord));
+  auto sort_columns = [&](int64_t j0, int64_t j1) {
+    std::vector<double> mag(kord);
+    for (int64_t j = j0; j < j1; ++j) {
+      const double* vj = b.Vt.data() + j * b.r;
+      for (int64_t i = 0; i < kord; ++i) mag[i] = std::fabs(b.sigma[i] * vj[i]);
+      int32_t* o = order.rows.data() + j * kord;
+      std::iota(o, o + kord, 0);
+      std::sort(o, o + kord, [&](int32_t a, int32_t c) { return mag[a] > mag[c] || (mag[a] == mag[c] && a < c); });
+    }
+  };
+  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, b.d2 / 64)));
+  std::vector<std::thread> pool;
+  const int64_t per = (b.d2 + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t)
+    pool.emplace_back(sort_columns, std::min(b.d2, t * per), std::min(b.d2, (t + 1) * per));
+  sort_columns(0, std::min(b.d2, per));
+  for (auto& th : pool) th.join();
+  return order;
+}
+
 void select_mask(const LayerBasis& b, int64_t k, int64_t s, double* CmT, double* values,
-                 int32_t* indices, std::vector<double>& scratch) {
+                 int32_t* indices) {
   const int64_t d2 = b.d2, r = b.r;
-  const double* sigma = b.sigma.data();
-  scratch.resize(2 * size_t(k));
-  double* mag = scratch.data();
-  double* sel = mag + k;
+  const ColumnOrder order = column_order(b, k, 1);
+  std::vector<int32_t> rows(s);
   for (int64_t j = 0; j < d2; ++j) {
+    select_column(order, j, k, s, rows.data());
+    std::sort(rows.begin(), rows.end());
     const double* vj = b.Vt.data() + j * r;
     double* out = CmT + j * k;
-    if (s == k) {
-      for (int64_t i = 0; i < k; ++i) {
-        const double c = sigma[i] * vj[i];
-        out[i] = c;
-        if (values) values[i * d2 + j] = c;
-        if (indices) indices[i * d2 + j] = int32_t(i);
-      }
-      continue;
-    }
-    for (int64_t i = 0; i < k; ++i) mag[i] = sel[i] = std::fabs(sigma[i] * vj[i]);
-    // thr = the s-th largest magnitude; everything above it is kept, and of the entries equal
-    // to it the lowest rows fill the remaining slots (the tie rule).
-    std::nth_element(sel, sel + (s - 1), sel + k, std::greater<double>());
-    const double thr = sel[s - 1];
-    int64_t above = 0;
-    for (int64_t i = 0; i < k; ++i) above += mag[i] > thr;
-    int64_t ties = s - above;
-    int64_t t = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      const bool keep = mag[i] > thr || (mag[i] == thr && ties-- > 0);
-      const double c = sigma[i] * vj[i];
-      out[i] = keep ? c : 0.0;
-      if (keep) {
-        if (values) values[t * d2 + j] = c;
-        if (indices) indices[t * d2 + j] = int32_t(i);
-        ++t;
-      }
+    std::fill(out, out + k, 0.0);
+    for (int64_t t = 0; t < s; ++t) {
+      const int32_t i = rows[t];
+      const double c = b.sigma[i] * vj[i];
+      out[i] = c;
+      if (values) values[t * d2 + j] = c;
+      if (indices) indices[t * d2 + j] = i;
     }
   }
 }
@@ -194,23 +199,9 @@ void coefficients_times_V(const LayerBasis& b, int64_t k, const double* CmT, dou
   coefficients_times(b, k, CmT, b.Vt.data(), Y);
 }
 
-double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* CmT, double* L,
-                   double* G, double* relative) {
+double cholesky_with_ridge(const double* G, int64_t k, double* L, double* relative) {
   if (relative) *relative = 0;
   const size_t kk = size_t(k) * size_t(k);
-  if (s == k) {
-    // C_k C_kᵀ = Σ_k² exactly; a diagonal needs no factorization unless some σ_i² is 0.
-    std::memset(G, 0, sizeof(double) * kk);
-    for (int64_t i = 0; i < k; ++i) G[i * k + i] = b.sigma[i] * b.sigma[i];
-    if (G[(k - 1) * k + (k - 1)] > 0) {
-      std::memset(L, 0, sizeof(double) * kk);
-      for (int64_t i = 0; i < k; ++i) L[i * k + i] = std::sqrt(G[i * k + i]);
-      return 0.0;
-    }
-  } else {
-    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(k), int(b.d2), 1.0, CmT, int(k), 0.0,
-                G, int(k));
-  }
   // Row-major lower is column-major upper: dpotrf 'U' leaves L with G = L·Lᵀ (row-major lower).
   double mean_diag = 0;
   for (int64_t i = 0; i < k; ++i) mean_diag += G[i * k + i];
@@ -230,6 +221,94 @@ double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* CmT,
     eps = eps == 0 ? 1e-12 * base : eps * 10;
   }
   ROCKETKIT_FAIL("whitened_errors", "Cholesky of C·Cᵀ failed even with a ridge of ", eps);
+}
+
+double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* CmT, double* L,
+                   double* G, double* relative) {
+  if (relative) *relative = 0;
+  const size_t kk = size_t(k) * size_t(k);
+  if (s == k) {
+    // C_k C_kᵀ = Σ_k² exactly; a diagonal needs no factorization unless some σ_i² is 0.
+    std::memset(G, 0, sizeof(double) * kk);
+    for (int64_t i = 0; i < k; ++i) G[i * k + i] = b.sigma[i] * b.sigma[i];
+    if (G[(k - 1) * k + (k - 1)] > 0) {
+      std::memset(L, 0, sizeof(double) * kk);
+      for (int64_t i = 0; i < k; ++i) L[i * k + i] = std::sqrt(G[i * k + i]);
+      return 0.0;
+    }
+  } else {
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(k), int(b.d2), 1.0, CmT, int(k), 0.0,
+                G, int(k));
+  }
+  return cholesky_with_ridge(G, k, L, relative);
+}
+
+void errors_from_products(const LayerBasis& b, int64_t k, const double* L, double eps,
+                          const double* Z, int64_t ldz, ProductScratch& w, double* e_w, double* e_o) {
+  const int64_t r = b.r;
+  if (b.one_solve) {
+    w.T.resize(size_t(k) * r);
+    double* T = w.T.data();
+    for (int64_t i = 0; i < k; ++i) std::memcpy(T + i * r, Z + i * ldz, sizeof(double) * size_t(r));
+    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k),
+                      int(r), 1.0, L, int(k), T, int(r));
+    auto weighted = [&](double& cap_o, double& cap_w) {
+      std::vector<double>& colsq = w.colsq;
+      colsq.assign(r, 0.0);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t c = 0; c < r; ++c) colsq[c] += T[i * r + c] * T[i * r + c];
+      cap_o = cap_w = 0;
+      for (int64_t c = 0; c < r; ++c) {
+        cap_o += b.theta[c] * colsq[c];
+        cap_w += (1.0 - b.theta[c]) * colsq[c];
+      }
+    };
+    double cap_o, cap_w;
+    weighted(cap_o, cap_w);
+    if (eps > 0) {
+      scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k),
+                        int(r), 1.0, L, int(k), T, int(r));
+      double ro, rw;
+      weighted(ro, rw);
+      cap_o += eps * ro;
+      cap_w += eps * rw;
+    }
+    *e_o = std::sqrt(std::max(0.0, 1.0 - cap_o));
+    *e_w = std::sqrt(std::max(0.0, 1.0 - cap_w));
+    return;
+  }
+  // T = [Y·Σ | Y·Rᵀ] (k×2r) with Y = Z = C_m·V, then T := L⁻¹T in one triangular solve.
+  w.T.resize(size_t(k) * 2 * r);
+  double* T = w.T.data();
+  for (int64_t i = 0; i < k; ++i) {
+    double* row = T + i * 2 * r;
+    const double* y = Z + i * ldz;
+    for (int64_t c = 0; c < r; ++c) row[c] = y[c] * b.sigma[c];
+    std::memcpy(row + r, y, sizeof(double) * size_t(r));
+  }
+  scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(k), int(r), 1.0,
+              b.R.data(), int(r), T + r, int(2 * r));
+  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k), int(2 * r),
+              1.0, L, int(k), T, int(2 * r));
+  double cap_o = block_sum_squares(T, k, r, 2 * r);
+  double cap_w = block_sum_squares(T + r, k, r, 2 * r);
+  if (eps > 0) {
+    // With D* = W_L C_mᵀ(G+εI)⁻¹ the residual is ‖W_L‖² − ‖Z‖² − ε‖L⁻ᵀZ‖², Z = L⁻¹B.
+    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k), int(2 * r),
+                1.0, L, int(k), T, int(2 * r));
+    cap_o += eps * block_sum_squares(T, k, r, 2 * r);
+    cap_w += eps * block_sum_squares(T + r, k, r, 2 * r);
+  }
+  *e_o = std::sqrt(std::max(0.0, b.norm_WL2 - cap_o) / b.norm_WL2);
+  *e_w = std::sqrt(std::max(0.0, b.norm_W2 - cap_w) / b.norm_W2);
+}
+
+bool tail_errors(const LayerBasis& b, int64_t k, int64_t s, double* e_w, double* e_o) {
+  if (s != k || !(b.sigma[k - 1] * b.sigma[k - 1] > 0)) return false;
+  // Nested truncation (no mask, no ridge): the tails of the spectrum are the residuals.
+  *e_o = std::sqrt(b.tail_o[k] / b.norm_WL2);
+  *e_w = std::sqrt(std::min(1.0, b.tail_w[k] / b.norm_W2));
+  return true;
 }
 
 namespace {
@@ -309,85 +388,6 @@ void check_scaled_diagonal(const char* fn, const ScaledLayer& sc, int64_t d1) {
                     "double range (S is numerically singular)");
 }
 
-struct Workspace {
-  std::vector<double> CmT, Y, T, L, G;
-  std::vector<double> scratch;
-  void reserve(const LayerBasis& b, int64_t kmax) {
-    CmT.resize(size_t(b.d2) * kmax);
-    Y.resize(size_t(kmax) * b.r);
-    T.resize(b.one_solve ? 0 : size_t(kmax) * 2 * b.r);
-    L.resize(size_t(kmax) * kmax);
-    G.resize(size_t(kmax) * kmax);
-  }
-};
-
-void candidate_errors(const LayerBasis& b, int64_t k, int64_t s, Workspace& w, double* e_w,
-                      double* e_o) {
-  const int64_t r = b.r;
-  if (s == k && b.sigma[k - 1] * b.sigma[k - 1] > 0) {
-    // Nested truncation (no mask, no ridge): the tails of the spectrum are the residuals.
-    *e_o = std::sqrt(b.tail_o[k] / b.norm_WL2);
-    *e_w = std::sqrt(std::min(1.0, b.tail_w[k] / b.norm_W2));
-    return;
-  }
-  select_mask(b, k, s, w.CmT.data(), nullptr, nullptr, w.scratch);
-  const double eps = factor_gram(b, k, s, w.CmT.data(), w.L.data(), w.G.data());
-  if (b.one_solve) {
-    double* T = w.Y.data();
-    coefficients_times(b, k, w.CmT.data(), b.N.data(), T);
-    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k),
-                      int(r), 1.0, w.L.data(), int(k), T, int(r));
-    auto weighted = [&](double& cap_o, double& cap_w) {
-      std::vector<double>& colsq = w.scratch;  // reused scratch
-      colsq.assign(r, 0.0);
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t c = 0; c < r; ++c) colsq[c] += T[i * r + c] * T[i * r + c];
-      cap_o = cap_w = 0;
-      for (int64_t c = 0; c < r; ++c) {
-        cap_o += b.theta[c] * colsq[c];
-        cap_w += (1.0 - b.theta[c]) * colsq[c];
-      }
-    };
-    double cap_o, cap_w;
-    weighted(cap_o, cap_w);
-    if (eps > 0) {
-      scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k),
-                        int(r), 1.0, w.L.data(), int(k), T, int(r));
-      double ro, rw;
-      weighted(ro, rw);
-      cap_o += eps * ro;
-      cap_w += eps * rw;
-    }
-    *e_o = std::sqrt(std::max(0.0, 1.0 - cap_o));
-    *e_w = std::sqrt(std::max(0.0, 1.0 - cap_w));
-    return;
-  }
-  coefficients_times_V(b, k, w.CmT.data(), w.Y.data());
-  // T = [Y·Σ | Y·Rᵀ] (k×2r), then T := L⁻¹T in one triangular solve.
-  double* T = w.T.data();
-  const double* Y = w.Y.data();
-  for (int64_t i = 0; i < k; ++i) {
-    double* row = T + i * 2 * r;
-    for (int64_t c = 0; c < r; ++c) row[c] = Y[i * r + c] * b.sigma[c];
-    std::memcpy(row + r, Y + i * r, sizeof(double) * size_t(r));
-  }
-  scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(k), int(r), 1.0,
-              b.R.data(), int(r), T + r, int(2 * r));
-  scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k), int(2 * r),
-              1.0, w.L.data(), int(k), T, int(2 * r));
-  double cap_o = block_sum_squares(T, k, r, 2 * r);
-  double cap_w = block_sum_squares(T + r, k, r, 2 * r);
-  if (eps > 0) {
-    // With D* = W_L C_mᵀ(G+εI)⁻¹ the residual is ‖W_L‖² − ‖Z‖² − ε‖L⁻ᵀZ‖², Z = L⁻¹B.
-    scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, int(k), int(2 * r),
-                1.0, w.L.data(), int(k), T, int(2 * r));
-    cap_o += eps * block_sum_squares(T, k, r, 2 * r);
-    cap_w += eps * block_sum_squares(T + r, k, r, 2 * r);
-  }
-  *e_o = std::sqrt(std::max(0.0, b.norm_WL2 - cap_o) / b.norm_WL2);
-  *e_w = std::sqrt(std::max(0.0, b.norm_W2 - cap_w) / b.norm_W2);
-}
-
 // Pins OpenBLAS's (process-wide) thread count for a scope and restores it, even on exceptions.
 // The wheel's OpenBLAS exports no per-thread setting, so a concurrent BLAS caller elsewhere in
 // the process also runs single-threaded while candidates are profiled.
@@ -434,46 +434,10 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
   check_scaled_diagonal(fn, sc, d1);
   const LayerBasis b = build_layer_basis(sc.W, sc.S, d1, d2, /*keep_U=*/false, /*keep_R=*/true);
 
-  // Largest ranks first, so the slowest candidates do not end up last on one thread.
-  std::vector<int64_t> todo(n);
-  std::iota(todo.begin(), todo.end(), 0);
-  std::stable_sort(todo.begin(), todo.end(),
-                   [&](int64_t a, int64_t c) { return candidates[2 * a] > candidates[2 * c]; });
   const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
-  const int threads = int(std::min<int64_t>(num_threads > 0 ? num_threads : hw, n));
-  const int64_t kmax = candidates[2 * todo[0]];
-
   // Candidates run single-threaded BLAS, in parallel with each other.
   BlasThreads pin(1);
-  if (threads <= 1) {
-    Workspace w;
-    w.reserve(b, kmax);
-    for (int64_t c : todo)
-      candidate_errors(b, candidates[2 * c], candidates[2 * c + 1], w, e_weight + c, e_output + c);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  auto worker = [&]() {
-    try {
-      Workspace w;
-      w.reserve(b, kmax);
-      for (int64_t t; (t = next.fetch_add(1)) < n;) {
-        const int64_t c = todo[t];
-        candidate_errors(b, candidates[2 * c], candidates[2 * c + 1], w, e_weight + c, e_output + c);
-      }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(failure_mutex);
-      if (!failure) failure = std::current_exception();
-      next.store(n);
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
-  if (failure) std::rethrow_exception(failure);
+  profile_candidates(b, candidates, n, e_weight, e_output, num_threads > 0 ? num_threads : hw);
 }
 
 void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t k, int64_t s,
@@ -489,8 +453,7 @@ void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t
   const LayerBasis b = build_layer_basis(sc.W, sc.S, d1, d2, /*keep_U=*/true, /*keep_R=*/false);
   const int64_t r = b.r;
   std::vector<double> CmT(size_t(d2) * k), Y(size_t(k) * r), L(size_t(k) * k), G(size_t(k) * k);
-  std::vector<double> scratch;
-  select_mask(b, k, s, CmT.data(), values, indices, scratch);
+  select_mask(b, k, s, CmT.data(), values, indices);
   double ridge_relative = 0;
   const double eps = factor_gram(b, k, s, CmT.data(), L.data(), G.data(), &ridge_relative);
   coefficients_times_V(b, k, CmT.data(), Y.data());

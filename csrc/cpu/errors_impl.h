@@ -32,12 +32,29 @@ LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64
 /// Y = C_m·B for a d2×r row-major B (V, or N of the one-solve path).
 void coefficients_times(const LayerBasis& b, int64_t k, const double* CmT, const double* B, double* Y);
 
-/// Mask of candidate (k, s): in column j of C_k = Σ_k V_kᵀ keep the s entries of largest
-/// |C_ij|, ties to the lower row index. Writes the dense masked C_m (k×d2, zeros elsewhere)
-/// and, if non-null, values/indices (s×d2, rows ascending). C_m is stored transposed
-/// (CmT, d2×k: row j is column j of C_m). `scratch` grows to 2k.
+/// The mask rule's order: for each column j of C = Σ·Vᵀ, the rows 0..kord−1 by |C_ij|
+/// descending, ties to the lower row index (d2×kord, row j = column j's order).
+struct ColumnOrder {
+  int64_t kord = 0;
+  std::vector<int32_t> rows;
+};
+
+/// Builds the order, columns split over `threads` threads.
+ColumnOrder column_order(const LayerBasis& b, int64_t kord, int threads);
+
+/// The mask rule for column j of candidate (k, s), k ≤ kord: the s rows of largest |C_ij| among
+/// rows < k, ties to the lower row, written to `rows` in that order (not ascending).
+inline void select_column(const ColumnOrder& order, int64_t j, int64_t k, int64_t s, int32_t* rows) {
+  const int32_t* o = order.rows.data() + j * order.kord;
+  for (int64_t p = 0, t = 0; t < s; ++p)
+    if (o[p] < k) rows[t++] = o[p];
+}
+
+/// Mask of candidate (k, s) by select_column, for factorize: writes the dense masked C_m (k×d2,
+/// zeros elsewhere) stored transposed (CmT, d2×k: row j is column j of C_m) and, if non-null,
+/// values/indices (s×d2, rows ascending).
 void select_mask(const LayerBasis& b, int64_t k, int64_t s, double* CmT, double* values,
-                 int32_t* indices, std::vector<double>& scratch);
+                 int32_t* indices);
 
 /// Y = C_m·V (k×r), C_m given as CmT (d2×k).
 void coefficients_times_V(const LayerBasis& b, int64_t k, const double* Cm, double* Y);
@@ -48,5 +65,30 @@ void coefficients_times_V(const LayerBasis& b, int64_t k, const double* Cm, doub
 /// null) gets ε / mean(diag G), the scale-free figure that factorize reports.
 double factor_gram(const LayerBasis& b, int64_t k, int64_t s, const double* Cm, double* L,
                    double* scratch, double* relative = nullptr);
+
+/// L·Lᵀ = G + εI for a k×k row-major G (lower triangle read): ε = 0 unless the plain Cholesky
+/// fails; then ε = 1e-12·mean(diag G) (1e-12 if G = 0), ×10 until it succeeds. Returns ε;
+/// `relative` (may be null) gets ε / mean(diag G).
+double cholesky_with_ridge(const double* G, int64_t k, double* L, double* relative = nullptr);
+
+/// Buffers of errors_from_products, reused across candidates.
+struct ProductScratch {
+  std::vector<double> T, colsq;
+};
+
+/// Both relative errors of a candidate from its Cholesky factor L (k×k, of C_m C_mᵀ + εI) and
+/// Z = C_m·N (one-solve basis) or C_m·V (otherwise), k×r with leading dimension ldz.
+void errors_from_products(const LayerBasis& b, int64_t k, const double* L, double eps,
+                          const double* Z, int64_t ldz, ProductScratch& w, double* e_w, double* e_o);
+
+/// The errors of an unmasked candidate (s = k, σ_k > 0) from the spectrum tails; false when
+/// the candidate needs the general path.
+bool tail_errors(const LayerBasis& b, int64_t k, int64_t s, double* e_w, double* e_o);
+
+/// Errors of every candidate (n×2 pairs (k, s), validated) on `threads` threads, each running
+/// single-threaded BLAS. Candidates are grouped into fixed chains (independent of `threads`), so
+/// results do not depend on the thread count; see errors_chain.cpp.
+void profile_candidates(const LayerBasis& b, const int64_t* candidates, int64_t n, double* e_weight,
+                        double* e_output, int threads);
 
 }  // namespace rocketkit::errors_detail

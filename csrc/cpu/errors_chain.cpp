@@ -1,0 +1,311 @@
+// Profiling all candidates of a layer by mask updates along chains of similar candidates.
+//
+// Neighbouring candidates in (cr, ks) keep almost the same entries of C (the same mask rule
+// applied to nearly the same k and s), so along a chain the products the errors need,
+// G = C_m C_mᵀ and Z = C_m·B (B = N or V, d2×r), are updated by the entries the mask gains or
+// loses instead of being rebuilt. With Δ = M_new − M_old (sparse, |Δ| ≪ nnz):
+//   Z_new = Z_old + Δ·B
+//   G_new = G_old + X + Xᵀ,  X = ½·Δ·(M_old + M_new)ᵀ = Δ·(M_old + ½Δ)ᵀ
+// so a step costs 2|Δ|(r + k) flops in a sparse × dense product, against k²·d2 + 2k·d2·r for
+// the dense rebuild; the Cholesky and triangular solve of each candidate stay dense. Rows the
+// mask empties are reset to exact zeros, so a dropped atom makes G exactly singular (and takes
+// the ridge) as in the dense computation. Chains are short (drift stays at rounding level) and
+// fixed by the candidate list alone, so results do not depend on the thread count.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <cblas.h>
+
+#include "errors_impl.h"
+#include "rocketkit/check.h"
+
+namespace rocketkit::errors_detail {
+namespace {
+
+constexpr int64_t kChainLength = 48;
+
+// out[i, :w] += Σ_p val[p]·B[col[p], :w] over the CSR rows i; 32-wide column blocks keep a
+// row's partial sums in registers while rows of B stream from cache.
+void csr_times_dense_add(const std::vector<int32_t>& rowptr, const std::vector<int32_t>& col,
+                         const std::vector<double>& val, int64_t rows, const double* B, int64_t ldb,
+                         int64_t w, double* out, int64_t ldo) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t c0 = 0; c0 < w; c0 += kBlock) {
+    const int64_t cw = std::min(kBlock, w - c0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int32_t begin = rowptr[i], end = rowptr[i + 1];
+      if (begin == end) continue;
+      double* o = out + i * ldo + c0;
+      if (cw == kBlock) {
+        double acc[kBlock];
+        for (int64_t t = 0; t < kBlock; ++t) acc[t] = o[t];
+        for (int32_t p = begin; p < end; ++p) {
+          const double v = val[p];
+          const double* src = B + int64_t(col[p]) * ldb + c0;
+          for (int64_t t = 0; t < kBlock; ++t) acc[t] += v * src[t];
+        }
+        for (int64_t t = 0; t < kBlock; ++t) o[t] = acc[t];
+      } else {
+        for (int32_t p = begin; p < end; ++p) {
+          const double v = val[p];
+          const double* src = B + int64_t(col[p]) * ldb + c0;
+          for (int64_t t = 0; t < cw; ++t) o[t] += v * src[t];
+        }
+      }
+    }
+  }
+}
+
+struct Chain {
+  std::vector<int64_t> members;  // candidate indices, in chain order
+  double cost = 0;               // rough flops, to schedule the longest chains first
+};
+
+// Direct candidates (no mask) go to `direct`; the rest are ordered by ks = k/s in tenths, then
+// by k, snaking (k up in one ks group, down in the next) so consecutive candidates stay close,
+// and cut into chains of at most kChainLength.
+std::vector<Chain> make_chains(const LayerBasis& b, const int64_t* cand, int64_t n,
+                               std::vector<int64_t>& direct) {
+  struct Key {
+    int64_t group, k, index;
+  };
+  std::vector<Key> keys;
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t k = cand[2 * c], s = cand[2 * c + 1];
+    if (s == k && b.sigma[k - 1] * b.sigma[k - 1] > 0) {
+      direct.push_back(c);
+      continue;
+    }
+    keys.push_back({std::llround(10.0 * double(k) / double(s)), k, c});
+  }
+  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& c) {
+    if (a.group != c.group) return a.group < c.group;
+    if (a.k != c.k) return a.k < c.k;
+    return a.index < c.index;
+  });
+  std::vector<int64_t> order;
+  bool up = true;
+  for (size_t g0 = 0; g0 < keys.size();) {
+    size_t g1 = g0;
+    while (g1 < keys.size() && keys[g1].group == keys[g0].group) ++g1;
+    if (up)
+      for (size_t i = g0; i < g1; ++i) order.push_back(keys[i].index);
+    else
+      for (size_t i = g1; i-- > g0;) order.push_back(keys[i].index);
+    up = !up;
+    g0 = g1;
+  }
+  std::vector<Chain> chains;
+  for (size_t i = 0; i < order.size(); i += kChainLength) {
+    Chain ch;
+    ch.members.assign(order.begin() + i, order.begin() + std::min(order.size(), i + kChainLength));
+    // The dense start is the expensive step: begin at the cheaper end.
+    if (cand[2 * ch.members.back()] < cand[2 * ch.members.front()])
+      std::reverse(ch.members.begin(), ch.members.end());
+    for (int64_t c : ch.members) {
+      const double k = double(cand[2 * c]);
+      ch.cost += k * k * double(b.r) + k * double(b.d2);
+    }
+    const double k0 = double(cand[2 * ch.members.front()]);
+    ch.cost += k0 * k0 * double(b.d2) + 2 * k0 * double(b.d2) * double(b.r);
+    chains.push_back(std::move(ch));
+  }
+  std::stable_sort(chains.begin(), chains.end(), [](const Chain& a, const Chain& c) { return a.cost > c.cost; });
+  return chains;
+}
+
+// The state of one chain: the current mask and the products it determines.
+class ChainState {
+ public:
+  ChainState(const LayerBasis& b, const ColumnOrder& order)
+      : b_(b), order_(order), B_(b.one_solve ? b.N.data() : b.Vt.data()) {}
+
+  void run(const Chain& chain, const int64_t* cand, double* e_weight, double* e_output) {
+    kmax_ = smax_ = 0;
+    for (int64_t c : chain.members) {
+      kmax_ = std::max(kmax_, cand[2 * c]);
+      smax_ = std::max(smax_, cand[2 * c + 1]);
+    }
+    const int64_t d2 = b_.d2, r = b_.r;
+    Z_.assign(size_t(kmax_) * r, 0.0);
+    Gb_.assign(size_t(kmax_) * kmax_, 0.0);
+    R_.assign(size_t(kmax_) * kmax_, 0.0);
+    CmT_.assign(size_t(d2) * kmax_, 0.0);
+    kept_.assign(size_t(d2) * smax_, 0);
+    kept_n_.assign(d2, 0);
+    stamp_.assign(size_t(d2) * kmax_, 0);
+    generation_ = 1;
+    row_count_.assign(kmax_, 0);
+    new_rows_.resize(smax_);
+    bool first = true;
+    for (int64_t c : chain.members) {
+      const int64_t k = cand[2 * c], s = cand[2 * c + 1];
+      if (first) start(k, s);
+      else step(k, s);
+      first = false;
+      errors(k, e_weight + c, e_output + c);
+    }
+  }
+
+ private:
+  double coef(int64_t i, int64_t j) const { return b_.sigma[i] * b_.Vt[j * b_.r + i]; }
+
+  // Dense products for the chain's first candidate.
+  void start(int64_t k, int64_t s) {
+    const int64_t d2 = b_.d2, r = b_.r;
+    for (int64_t j = 0; j < d2; ++j) {
+      int32_t* rows = kept_.data() + j * smax_;
+      select_column(order_, j, k, s, rows);
+      kept_n_[j] = int32_t(s);
+      for (int64_t t = 0; t < s; ++t) {
+        CmT_[j * kmax_ + rows[t]] = coef(rows[t], j);
+        stamp_[j * kmax_ + rows[t]] = generation_;
+        ++row_count_[rows[t]];
+      }
+    }
+    scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(k), int(d2), 1.0, CmT_.data(),
+                      int(kmax_), 0.0, Gb_.data(), int(kmax_));
+    scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(k), int(r), int(d2), 1.0,
+                      CmT_.data(), int(kmax_), B_, int(r), 0.0, Z_.data(), int(r));
+    k_ = k;
+  }
+
+  void step(int64_t k, int64_t s) {
+    const int64_t d2 = b_.d2, r = b_.r;
+    d_row_.clear();
+    d_col_.clear();
+    d_val_.clear();
+    // A kept entry carries the generation of the last step that kept it: one pass over the new
+    // rows finds what a column gains, one over the old rows what it loses.
+    const uint32_t prev = generation_++, cur = generation_;
+    for (int64_t j = 0; j < d2; ++j) {
+      select_column(order_, j, k, s, new_rows_.data());
+      uint32_t* st = stamp_.data() + j * kmax_;
+      for (int64_t a = 0; a < s; ++a) {
+        const int32_t i = new_rows_[a];
+        if (st[i] != prev) {
+          push_delta(i, j, coef(i, j));
+          ++row_count_[i];
+        }
+        st[i] = cur;
+      }
+      int32_t* old_rows = kept_.data() + j * smax_;
+      for (int64_t o = 0; o < kept_n_[j]; ++o) {
+        const int32_t i = old_rows[o];
+        if (st[i] != cur) {
+          push_delta(i, j, -coef(i, j));
+          --row_count_[i];
+        }
+      }
+      std::copy(new_rows_.begin(), new_rows_.begin() + s, old_rows);
+      kept_n_[j] = int32_t(s);
+    }
+    const int64_t width = std::max(k, k_);
+    if (!d_val_.empty()) {
+      to_csr();
+      // X = Δ·(M_old + ½Δ)ᵀ: halfway updates of CmT are exact (a kept entry c becomes ½c, then 0).
+      for (size_t p = 0; p < d_val_.size(); ++p) CmT_[int64_t(d_col_[p]) * kmax_ + d_row_[p]] += 0.5 * d_val_[p];
+      csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, CmT_.data(), kmax_, width, R_.data(), kmax_);
+      for (size_t p = 0; p < d_val_.size(); ++p) CmT_[int64_t(d_col_[p]) * kmax_ + d_row_[p]] += 0.5 * d_val_[p];
+      csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, B_, r, r, Z_.data(), r);
+      for (int64_t i = 0; i < width; ++i)
+        if (row_count_[i] == 0 && rowptr_[i + 1] > rowptr_[i]) clear_row(i);
+    }
+    k_ = k;
+  }
+
+  void push_delta(int32_t i, int64_t j, double v) {
+    d_row_.push_back(i);
+    d_col_.push_back(int32_t(j));
+    d_val_.push_back(v);
+  }
+
+  void to_csr() {
+    rowptr_.assign(kmax_ + 1, 0);
+    for (int32_t i : d_row_) ++rowptr_[i + 1];
+    for (int64_t i = 0; i < kmax_; ++i) rowptr_[i + 1] += rowptr_[i];
+    csr_col_.resize(d_val_.size());
+    csr_val_.resize(d_val_.size());
+    cursor_.assign(rowptr_.begin(), rowptr_.end() - 1);
+    for (size_t p = 0; p < d_val_.size(); ++p) {
+      const int32_t q = cursor_[d_row_[p]]++;
+      csr_col_[q] = d_col_[p];
+      csr_val_[q] = d_val_[p];
+    }
+  }
+
+  // An atom no column keeps any more: its row and column of G and its row of Z are exactly 0.
+  void clear_row(int64_t i) {
+    std::fill(Z_.begin() + i * b_.r, Z_.begin() + (i + 1) * b_.r, 0.0);
+    for (int64_t t = 0; t < kmax_; ++t) {
+      Gb_[i * kmax_ + t] = Gb_[t * kmax_ + i] = 0.0;
+      R_[i * kmax_ + t] = R_[t * kmax_ + i] = 0.0;
+    }
+  }
+
+  void errors(int64_t k, double* e_w, double* e_o) {
+    G_.resize(size_t(k) * k);
+    L_.resize(size_t(k) * k);
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t c = 0; c <= a; ++c) {
+        const double g = Gb_[a * kmax_ + c] + R_[a * kmax_ + c] + R_[c * kmax_ + a];
+        G_[a * k + c] = G_[c * k + a] = g;
+      }
+    const double eps = cholesky_with_ridge(G_.data(), k, L_.data());
+    errors_from_products(b_, k, L_.data(), eps, Z_.data(), b_.r, ps_, e_w, e_o);
+  }
+
+  const LayerBasis& b_;
+  const ColumnOrder& order_;
+  const double* B_;
+  int64_t kmax_ = 0, smax_ = 0, k_ = 0;
+  std::vector<double> Z_, Gb_, R_, CmT_, G_, L_;
+  std::vector<int32_t> kept_, kept_n_, new_rows_;
+  std::vector<uint32_t> stamp_;
+  uint32_t generation_ = 1;
+  std::vector<int64_t> row_count_;
+  std::vector<int32_t> d_row_, d_col_, rowptr_, cursor_, csr_col_;
+  std::vector<double> d_val_, csr_val_;
+  ProductScratch ps_;
+};
+
+}  // namespace
+
+void profile_candidates(const LayerBasis& b, const int64_t* cand, int64_t n, double* e_weight,
+                        double* e_output, int threads) {
+  std::vector<int64_t> direct;
+  const std::vector<Chain> chains = make_chains(b, cand, n, direct);
+  for (int64_t c : direct) tail_errors(b, cand[2 * c], cand[2 * c + 1], e_weight + c, e_output + c);
+  if (chains.empty()) return;
+  int64_t kord = 0;
+  for (const Chain& ch : chains)
+    for (int64_t c : ch.members) kord = std::max(kord, cand[2 * c]);
+  const ColumnOrder order = column_order(b, kord, threads);
+  threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, int64_t(chains.size()))));
+  std::atomic<size_t> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto worker = [&]() {
+    try {
+      ChainState state(b, order);
+      for (size_t t; (t = next.fetch_add(1)) < chains.size();) state.run(chains[t], cand, e_weight, e_output);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      next.store(chains.size());
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace rocketkit::errors_detail
