@@ -64,16 +64,32 @@ void bind_errors(py::module_& m) {
   m.def(
       "whitened_errors_cuda",
       [](uintptr_t W, uintptr_t S, int64_t d1, int64_t d2, CArrayI64 candidates, uintptr_t e_w,
-         uintptr_t e_o, uintptr_t stream) {
+         uintptr_t e_o, uintptr_t stream, std::string svd, int max_streams) {
         candidates = aligned(candidates);
         if (candidates.ndim() != 2 || candidates.shape(1) != 2)
           throw std::invalid_argument("[whitened_errors] candidates must be (n, 2)");
-        py::gil_scoped_release nogil;
-        rocketkit::cuda::whitened_errors(
-            reinterpret_cast<const double*>(W), reinterpret_cast<const double*>(S), d1, d2,
-            candidates.data(), candidates.shape(0), reinterpret_cast<double*>(e_w),
-            reinterpret_cast<double*>(e_o), reinterpret_cast<void*>(stream));
+        rocketkit::cuda::ErrorsOptions options;
+        options.svd = std::move(svd);
+        options.max_streams = max_streams;
+        rocketkit::cuda::ErrorsStats st;
+        {
+          py::gil_scoped_release nogil;
+          st = rocketkit::cuda::whitened_errors(
+              reinterpret_cast<const double*>(W), reinterpret_cast<const double*>(S), d1, d2,
+              candidates.data(), candidates.shape(0), reinterpret_cast<double*>(e_w),
+              reinterpret_cast<double*>(e_o), reinterpret_cast<void*>(stream), options);
+        }
+        py::dict d;
+        d["svd"] = st.svd;
+        d["svd_error_estimate"] = st.svd_error_estimate;
+        d["streams"] = st.streams;
+        d["ridge_reruns"] = st.ridge_reruns;
+        d["basis_seconds"] = st.basis_seconds;
+        d["candidates_seconds"] = st.candidates_seconds;
+        d["candidate_flops"] = st.candidate_flops;
+        return d;
       },
       py::arg("W_ptr"), py::arg("S_ptr"), py::arg("d1"), py::arg("d2"), py::arg("candidates"),
-      py::arg("e_weight_ptr"), py::arg("e_output_ptr"), py::arg("stream"));
+      py::arg("e_weight_ptr"), py::arg("e_output_ptr"), py::arg("stream"), py::arg("svd") = "auto",
+      py::arg("max_streams") = 0);
 }

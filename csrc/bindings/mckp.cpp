@@ -68,7 +68,7 @@ void bind_mckp(py::module_& m) {
         offsets = aligned(offsets);
         ROCKETKIT_CHECK(offsets.ndim() == 1 && offsets.shape(0) >= 2, "solve_mckp_cuda",
                         "offsets needs num_layers+1 >= 2 entries");
-        rocketkit::MckpResult r;
+        rocketkit::cuda::MckpDeviceResult r;
         {
           py::gil_scoped_release nogil;
           r = rocketkit::cuda::solve_mckp(reinterpret_cast<const double*>(errors),
@@ -76,7 +76,9 @@ void bind_mckp(py::module_& m) {
                                           offsets.shape(0) - 1, budget, buckets,
                                           reinterpret_cast<void*>(stream));
         }
-        return to_dict(r);
+        py::dict d = to_dict(r);
+        d["dp_gpu_ms"] = r.dp_gpu_ms;
+        return d;
       },
       py::arg("errors_ptr"), py::arg("params_ptr"), py::arg("offsets"), py::arg("budget"),
       py::arg("buckets"), py::arg("stream"));

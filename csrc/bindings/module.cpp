@@ -9,6 +9,7 @@ namespace py = pybind11;
 void bind_errors(py::module_& m);
 void bind_mckp(py::module_& m);
 void bind_infer(py::module_& m);
+void bind_cuda(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rocketkit native core";
@@ -20,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
   bind_errors(m);
   bind_mckp(m);
   bind_infer(m);
+  bind_cuda(m);
 }

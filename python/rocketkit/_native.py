@@ -95,7 +95,12 @@ def whitened_errors(W, S, candidates, num_threads: int = 0):
     column s) with 1 ≤ s ≤ k ≤ min(d1, d2). Returns ``(e_weight, e_output)``, two float64
     arrays of length n, for exactly the factorization :func:`factorize` applies; a zero W
     gives zeros.
+
+    With W and S torch CUDA tensors (float64, on one GPU) the errors are computed there, on
+    the current stream, and returned as two CUDA tensors (see :func:`whitened_errors_cuda`).
     """
+    if _is_cuda_tensor(W) or _is_cuda_tensor(S):
+        return whitened_errors_cuda(W, S, candidates, num_threads=num_threads)
     W, S = _check_layer("whitened_errors", W, S)
     cand = _asarray("whitened_errors", "candidates", candidates)
     if cand.ndim != 2 or cand.shape[1] != 2 or not np.issubdtype(cand.dtype, np.integer):
@@ -155,7 +160,12 @@ def solve_mckp(errors, params, budget: int, buckets: int = 50000, num_threads: i
     and costs are rounded up, so ``params`` of the answer never exceeds ``budget``.
     ``choice[l]`` indexes layer l's candidates; ``curve[b]`` is the best error within
     ``min_params + b·bucket_width`` params; ``lower_bound`` is the LP relaxation optimum.
+
+    With every layer's errors and params given as torch CUDA tensors the DP runs on that GPU
+    (same answer, see :func:`solve_mckp_cuda`).
     """
+    if any(_is_cuda_tensor(a) for a in (*errors, *params)):
+        return solve_mckp_cuda(errors, params, budget, buckets, num_threads=num_threads)
     if len(errors) != len(params):
         raise ValueError(f"[solve_mckp] errors has {len(errors)} layers but params has {len(params)}")
     if len(errors) == 0:
@@ -263,3 +273,250 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
 
         return torch.from_numpy(y)
     return y
+
+
+def _factorized_matmul_prevalidated(x2, U, values, indices, bias, num_threads: int):
+    """FactorizedLinear's CPU forward: ``factorized_matmul`` without the Python checks or the
+    per-call index range check.
+
+    For callers that validated the indices once (FactorizedLinear re-checks them whenever
+    ``C_indices`` or k changes): ``x2`` (N, d1) and the factors are contiguous CPU torch tensors
+    of one dtype (fp32 or fp64), ``indices`` int16/int32 in [0, k). The core still checks every
+    shape, dtype and size. Returns a torch tensor (N, d2).
+    """
+    import torch
+
+    y = _C.factorized_matmul(x2.numpy(), U.numpy(), values.numpy(), indices.numpy(),
+                             None if bias is None else bias.numpy(), num_threads, False)
+    return torch.from_numpy(y)
+
+
+# ---- CUDA dispatch: torch CUDA tensors cross as data_ptr() plus the current stream ----------
+def _is_cuda_tensor(a) -> bool:
+    return bool(getattr(a, "is_cuda", False)) and hasattr(a, "data_ptr")
+
+
+_cuda_dirs_set = False
+
+
+def _prepare_cuda(fn: str, device):
+    """Checks that a CUDA build sees a GPU, and tells the core where the nvidia-* wheels keep
+    cuBLAS/cuSOLVER (it dlopens them on first use; torch has usually loaded them already)."""
+    global _cuda_dirs_set
+    if not _C.cuda_compiled():
+        raise RuntimeError(f"[{fn}] rocketkit was built without CUDA (ROCKETKIT_ENABLE_CUDA=OFF or no nvcc found)")
+    if not _C.has_cuda():
+        raise RuntimeError(f"[{fn}] no CUDA device is visible to rocketkit (driver missing or no GPU)")
+    if not _cuda_dirs_set:
+        import os
+
+        import torch
+
+        dirs = []
+        try:
+            import nvidia  # namespace package of the nvidia-* wheels
+
+            roots = list(getattr(nvidia, "__path__", []))
+        except ImportError:
+            roots = []
+        for root in roots:
+            for sub in ("cu13/lib", "cu12/lib", "cublas/lib", "cusolver/lib", "cusparse/lib", "nvjitlink/lib"):
+                if os.path.isdir(os.path.join(root, sub)):
+                    dirs.append(os.path.join(root, sub))
+        dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
+        _C.cuda_set_library_dirs(dirs)
+        _cuda_dirs_set = True
+
+
+def _cuda_matrix(fn: str, name: str, a, dtype, device=None):
+    import torch
+
+    if not _is_cuda_tensor(a):
+        raise ValueError(f"[{fn}] {name} must be a CUDA tensor like the other inputs, got {type(a).__name__}"
+                         + (f" on {a.device}" if hasattr(a, "device") else ""))
+    if device is not None and a.device != device:
+        raise ValueError(f"[{fn}] {name} is on {a.device}, the other inputs on {device}")
+    if dtype is not None and a.dtype != dtype:
+        raise ValueError(f"[{fn}] {name} must be {dtype}, got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"[{fn}] {name} must be 2-D, got shape {tuple(a.shape)}")
+    return a.detach().contiguous() if isinstance(a, torch.Tensor) else a
+
+
+def whitened_errors_cuda(W, S, candidates, num_threads: int = 0, svd: str = "auto", max_streams: int = 0,
+                         return_stats: bool = False):
+    """:func:`whitened_errors` on the GPU that holds W and S (torch float64 CUDA tensors).
+
+    fp64 throughout (no TF32, no reduced precision); the same mask, ridge and error definitions
+    as the CPU core, to ~1e-12. ``candidates`` is an (n, 2) integer array on the host (a CUDA
+    tensor is copied over). Returns ``(e_weight, e_output)`` as float64 CUDA tensors on W's
+    device, written on the current stream; nothing is copied to the host. ``num_threads`` is
+    accepted for symmetry and unused. ``svd`` picks the reduced SVD ("auto": cuSOLVER's
+    polar-decomposition gesvdp, redone with the QR-iteration gesvd when gesvdp reports a
+    perturbation; "gesvdp"; "gesvd"); ``max_streams`` caps the candidate pipelines (0 = auto).
+    ``return_stats=True`` adds a dict (SVD used, pipelines, wall times, candidate flops).
+    """
+    import torch
+
+    fn = "whitened_errors"
+    W = _cuda_matrix(fn, "W", W, torch.float64)
+    S = _cuda_matrix(fn, "S", S, torch.float64, W.device)
+    d1, d2 = W.shape
+    if d1 < 1 or d2 < 1:
+        raise ValueError(f"[{fn}] W must be non-empty, got shape {tuple(W.shape)}")
+    if tuple(S.shape) != (d1, d1):
+        raise ValueError(f"[{fn}] S must be ({d1}, {d1}) for W of shape {tuple(W.shape)}, got {tuple(S.shape)}")
+    if hasattr(candidates, "detach"):
+        candidates = candidates.detach().cpu().numpy()
+    cand = _asarray(fn, "candidates", candidates)
+    if cand.ndim != 2 or cand.shape[1] != 2 or not np.issubdtype(cand.dtype, np.integer):
+        raise ValueError(f"[{fn}] candidates must be an (n, 2) integer array, got {cand.dtype} {cand.shape}")
+    if cand.dtype.kind == "u" and cand.size and cand.max() > _INT64_MAX:
+        raise ValueError(f"[{fn}] candidates exceed int64")
+    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    num_threads = _index_arg(fn, "num_threads", num_threads)
+    if not 0 <= num_threads <= 1 << 16:
+        raise ValueError(f"[{fn}] num_threads must be in [0, 65536], got {num_threads}")
+    _prepare_cuda(fn, W.device)
+    n = cand.shape[0]
+    e_w = torch.empty(n, dtype=torch.float64, device=W.device)
+    e_o = torch.empty(n, dtype=torch.float64, device=W.device)
+    with torch.cuda.device(W.device):
+        stream = torch.cuda.current_stream(W.device).cuda_stream
+
+        def run():
+            return _C.whitened_errors_cuda(W.data_ptr(), S.data_ptr(), d1, d2, cand, e_w.data_ptr(),
+                                           e_o.data_ptr(), stream, svd, max_streams)
+
+        try:
+            stats = run()
+        except RuntimeError as e:
+            if "out of GPU memory" not in str(e):
+                raise
+            # The core's workspace lives outside torch's caching allocator: hand back what torch
+            # holds unused, then try once more (same computation, same result).
+            torch.cuda.empty_cache()
+            stats = run()
+    return (e_w, e_o, stats) if return_stats else (e_w, e_o)
+
+
+def solve_mckp_cuda(errors, params, budget: int, buckets: int = 50000, num_threads: int = 0,
+                    return_gpu_ms: bool = False):
+    """:func:`solve_mckp` with the DP on the GPU; errors[l] and params[l] are 1-D CUDA tensors.
+
+    The same plan as the CPU (validation, pruning and the LP bound run on a host copy of the
+    candidates), the same tie rule and the same fp64 sums: choice, curve and objective equal
+    the CPU solver's. Back-pointers stay on the GPU; only the curve and the choice come back.
+    ``return_gpu_ms=True`` also returns the DP kernels' GPU time in ms (CUDA events).
+    """
+    import torch
+
+    fn = "solve_mckp"
+    if len(errors) != len(params):
+        raise ValueError(f"[{fn}] errors has {len(errors)} layers but params has {len(params)}")
+    if len(errors) == 0:
+        raise ValueError(f"[{fn}] no layers")
+    budget = _mckp_int("budget", budget, 0)
+    buckets = _mckp_int("buckets", buckets, 1)
+    _mckp_int("num_threads", num_threads, 0)
+    device = None
+    flat_e, flat_p, sizes = [], [], []
+    for l, (e, p) in enumerate(zip(errors, params)):
+        for name, a in (("errors", e), ("params", p)):
+            if not _is_cuda_tensor(a):
+                raise ValueError(f"[{fn}] layer {l}: {name} must be a CUDA tensor like the other layers'")
+            device = a.device if device is None else device
+            if a.device != device:
+                raise ValueError(f"[{fn}] layer {l}: {name} is on {a.device}, other layers on {device}")
+        if e.ndim != 1 or p.ndim != 1 or e.shape != p.shape:
+            raise ValueError(f"[{fn}] layer {l}: errors {tuple(e.shape)} and params {tuple(p.shape)} "
+                             "must be equal-length 1-D tensors")
+        if e.numel() == 0:
+            raise ValueError(f"[{fn}] layer {l} has no candidates")
+        if e.dtype.is_complex or e.dtype == torch.bool:
+            raise ValueError(f"[{fn}] layer {l}: errors must be real numbers, got {e.dtype}")
+        if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+            raise ValueError(f"[{fn}] layer {l}: params must be integers, got {p.dtype}")
+        if p.dtype == getattr(torch, "uint64", None):
+            raise ValueError(f"[{fn}] layer {l}: params must be a signed integer tensor (int64), got uint64")
+        flat_e.append(e.detach().to(torch.float64).reshape(-1))
+        flat_p.append(p.detach().to(torch.int64).reshape(-1))
+        sizes.append(e.numel())
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    _prepare_cuda(fn, device)
+    with torch.cuda.device(device):
+        flat_e = torch.cat(flat_e).contiguous()
+        flat_p = torch.cat(flat_p).contiguous()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        r = _C.solve_mckp_cuda(flat_e.data_ptr(), flat_p.data_ptr(), offsets, budget, buckets, stream)
+    gpu_ms = r.pop("dp_gpu_ms")
+    sol = MckpSolution(**r)
+    return (sol, gpu_ms) if return_gpu_ms else sol
+
+
+_CUDA_DTYPES = None
+
+
+def column_sparse_matmul_cuda(z, values, indices, bias=None, check_indices: bool = True):
+    """y = z·C (+ bias) on the GPU, with C stored by columns as in :func:`factorized_matmul`.
+
+    ``z`` is (n, k) float32/bfloat16/float16 CUDA; ``values`` (s, d2) of z's dtype, ``indices``
+    (s, d2) int16 or int32 in [0, k), ``bias`` (d2,) of z's dtype or None; all on z's device.
+    Returns y (n, d2) of z's dtype, written on the current stream (fp32 sums). With
+    ``check_indices`` an index outside [0, k) raises ValueError (this reads one flag back, a
+    synchronization); without it such an index contributes nothing. No autograd.
+    """
+    import torch
+
+    global _CUDA_DTYPES
+    if _CUDA_DTYPES is None:
+        _CUDA_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    fn = "factorized_matmul"
+    z = _cuda_matrix(fn, "z", z, None)
+    if z.dtype not in _CUDA_DTYPES:
+        raise ValueError(f"[{fn}] z must be float32, bfloat16 or float16, got {z.dtype}")
+    values = _cuda_matrix(fn, "values", values, z.dtype, z.device)
+    indices = _cuda_matrix(fn, "indices", indices, None, z.device)
+    if indices.dtype not in (torch.int16, torch.int32):
+        raise ValueError(f"[{fn}] indices must be int16 or int32, got {indices.dtype}")
+    n, k = z.shape
+    s, d2 = values.shape
+    if tuple(indices.shape) != (s, d2):
+        raise ValueError(f"[{fn}] indices {tuple(indices.shape)} must match values {(s, d2)}")
+    if not 1 <= s <= k or d2 < 1:
+        raise ValueError(f"[{fn}] need 1 <= s <= k and d2 >= 1, got s={s}, k={k}, d2={d2}")
+    if bias is not None:
+        if not _is_cuda_tensor(bias) or bias.device != z.device or bias.dtype != z.dtype or tuple(bias.shape) != (d2,):
+            raise ValueError(f"[{fn}] bias must be a ({d2},) {z.dtype} tensor on {z.device}")
+        bias = bias.detach().contiguous()
+    _prepare_cuda(fn, z.device)
+    y = torch.empty(n, d2, dtype=z.dtype, device=z.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=z.device) if check_indices else None
+    with torch.cuda.device(z.device):
+        _C.column_sparse_matmul_cuda(z.data_ptr(), n, k, values.data_ptr(), indices.data_ptr(),
+                                     indices.element_size(), s, d2, 0 if bias is None else bias.data_ptr(),
+                                     y.data_ptr(), _CUDA_DTYPES[z.dtype], 0 if flag is None else flag.data_ptr(),
+                                     torch.cuda.current_stream(z.device).cuda_stream)
+    if flag is not None and int(flag.item()):
+        raise ValueError(f"[{fn}] an index of C is outside [0, k = {k})")
+    return y
+
+
+def factorized_matmul_cuda(x, U, values, indices, bias=None, check_indices: bool = True):
+    """y = x·U·C + bias for a factorized layer on the GPU: z = x·U by torch (cuBLAS), then
+    :func:`column_sparse_matmul_cuda`. ``x`` is (..., d1) float32/bfloat16/float16 CUDA,
+    ``U`` (d1, k) of x's dtype; the rest as in :func:`column_sparse_matmul_cuda`.
+    Returns (..., d2) of x's dtype. No autograd.
+    """
+    fn = "factorized_matmul"
+    if not _is_cuda_tensor(x):
+        raise ValueError(f"[{fn}] x must be a CUDA tensor")
+    U = _cuda_matrix(fn, "U", U, x.dtype, x.device)
+    d1, k = U.shape
+    if x.ndim < 1 or x.shape[-1] != d1:
+        raise ValueError(f"[{fn}] x has {x.shape[-1] if x.ndim else 0} features but U has {d1} rows")
+    lead = tuple(x.shape[:-1])
+    z = (x.detach().reshape(-1, d1) @ U).contiguous()
+    y = column_sparse_matmul_cuda(z, values, indices, bias, check_indices)
+    return y.reshape(*lead, y.shape[1])
