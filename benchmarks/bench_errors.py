@@ -9,6 +9,7 @@ equations, Cholesky, same ridge rule), Ŵ = S⁻¹D*C by a triangular solve, the
     python benchmarks/bench_errors.py                     # 576x1536, 1536x576, 2048x8192
     python benchmarks/bench_errors.py --quick             # small shapes only, baseline subsampled
     python benchmarks/bench_errors.py --shapes 576x1536 --threads 2 --refcheck
+    python benchmarks/bench_errors.py --device cuda       # 70B-shaped layers on the GPU (see bench_cuda)
 """
 
 from __future__ import annotations
@@ -149,14 +150,178 @@ def bench_shape(d1, d2, threads, refcheck, baseline_stride):
     return ok
 
 
+
+# ---- --device cuda -----------------------------------------------------------------------------
+CUDA_SHAPES = "8192x8192,8192x1024,8192x28672,28672x8192"  # q/o, k/v, gate/up, down of a 70B block
+BLOCK_70B = [("q", 8192, 8192), ("k", 8192, 1024), ("v", 8192, 1024), ("o", 8192, 8192),
+             ("gate", 8192, 28672), ("up", 8192, 28672), ("down", 28672, 8192)]
+FP64_PEAK_TFLOPS = {"H100 PCIe": 51.0, "H100": 67.0, "H200": 67.0, "GH200": 67.0, "A100": 19.5}  # tensor-core fp64
+
+
+def cuda_layer(d1: int, d2: int, seed: int):
+    """Synthetic layer made on the GPU (host QRs of 28672-wide matrices would take minutes): W with
+    decaying column scales, S from the Gram of correlated activations with outlier channels."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    W = torch.randn(d1, d2, generator=g, device="cuda", dtype=torch.float64) / d1 ** 0.5
+    W *= (1.0 + torch.arange(d2, device="cuda", dtype=torch.float64)) ** -0.3
+    n = d1 + 1024
+    X = torch.randn(n, d1, generator=g, device="cuda", dtype=torch.float64)
+    X[:, torch.randperm(d1, generator=g, device="cuda")[:4]] *= 40.0
+    H = X.T @ X
+    del X
+    H += 1e-6 * H.diagonal().mean() * torch.eye(d1, device="cuda", dtype=torch.float64)
+    S = torch.linalg.cholesky(H).T.contiguous()  # upper: H = SᵀS
+    del H
+    return W.contiguous(), S
+
+
+def torch_baseline_cuda(W, S, cands):
+    """The straightforward GPU implementation per candidate (fp64): basis from eigh of the smaller
+    Gram of W_L, C = DᵀW_L, mask (same rule), D* by normal equations (Cholesky, same ridge rule),
+    Ŵ = S⁻¹D*C by a triangular solve, then both norms. Returns (e_w, e_o, basis seconds)."""
+    t0 = time.perf_counter()
+    Su = torch.triu(S)
+    WL = Su @ W
+    d1, d2 = W.shape
+    if d1 <= d2:
+        lam, U = torch.linalg.eigh(WL @ WL.T)
+        U = U.flip(1)
+    else:
+        lam, V = torch.linalg.eigh(WL.T @ WL)
+        V, lam = V.flip(1), lam.flip(0)
+        U = (WL @ V) / lam.clamp_min(1e-300).sqrt()
+    nW, nWL = torch.linalg.norm(W), torch.linalg.norm(WL)
+    torch.cuda.synchronize()
+    t_basis = time.perf_counter() - t0
+    ew, eo = [], []
+    for k, s in cands:
+        k, s = int(k), int(s)
+        C = U[:, :k].T @ WL
+        order = torch.sort(C.abs(), dim=0, descending=True, stable=True).indices[:s]
+        Cm = torch.zeros_like(C).scatter_(0, order, C.gather(0, order))
+        del C, order
+        G = Cm @ Cm.T
+        eps, base = 0.0, float(torch.diagonal(G).mean()) or 1.0
+        eye = torch.eye(k, dtype=G.dtype, device=G.device)
+        while True:
+            L, info = torch.linalg.cholesky_ex(G + eps * eye)
+            if int(info) == 0:
+                break
+            eps = 1e-12 * base if eps == 0 else eps * 10
+        Dstar = torch.cholesky_solve(Cm @ WL.T, L).T
+        DC = Dstar @ Cm
+        What = torch.linalg.solve_triangular(Su, DC, upper=True)
+        ew.append(float(torch.linalg.norm(W - What) / nW))
+        eo.append(float(torch.linalg.norm(WL - DC) / nWL))
+        del G, L, Dstar, DC, What, Cm
+    return np.array(ew), np.array(eo), t_basis
+
+
+def gpu_peak(name: str, override: float):
+    if override:
+        return override
+    for key in sorted(FP64_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return FP64_PEAK_TFLOPS[key]
+    return 0.0
+
+
+def bench_cuda_shape(d1, d2, stride, peak, svd, results):
+    W, S = cuda_layer(d1, d2, seed=d1 * 31 + d2)
+    cands, total = candidate_grid(d1, d2)
+    print(f"\n== layer {d1}x{d2} on the GPU: {len(cands)} of {total} candidates kept")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _native.whitened_errors_cuda(W[:64, :96].contiguous(), S[:64, :64].contiguous(), cands[:1] * 0 + 1)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    ew, eo, st = _native.whitened_errors_cuda(W, S, cands, svd=svd, return_stats=True)
+    torch.cuda.synchronize()
+    t_gpu = time.perf_counter() - t0
+    free, total_mem = torch.cuda.mem_get_info()
+    tf = st["candidate_flops"] / max(st["candidates_seconds"], 1e-12) / 1e12
+    peak_txt = f"{100 * tf / peak:.0f}% of the {peak:.0f} TFLOP/s fp64 peak" if peak else "peak unknown"
+    print(f"rocketkit CUDA            : {t_gpu:9.3f} s  (basis {st['basis_seconds']:.3f} s with {st['svd']}, "
+          f"candidates {st['candidates_seconds']:.3f} s on {st['streams']} streams, {st['ridge_reruns']} ridge reruns)")
+    print(f"  candidate phase         : {tf:9.1f} TFLOP/s fp64 ({peak_txt}); "
+          f"device memory in use now {(total_mem - free) / 2**30:.1f} GiB")
+    sub = np.arange(0, len(cands), stride)
+    torch_baseline_cuda(W[:256, :256].contiguous(), S[:256, :256].contiguous(), cands[:1] * 0 + 1)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    bw, bo, t_basis = torch_baseline_cuda(W, S, cands[sub])
+    torch.cuda.synchronize()
+    t_base = time.perf_counter() - t0
+    per = (t_base - t_basis) / len(sub)
+    est = t_basis + per * len(cands)
+    label = "" if stride == 1 else f"  [every {stride}th candidate, {len(sub)} run, extrapolated]"
+    print(f"torch baseline (same GPU) : {est:9.3f} s  (basis {t_basis:.3f} s + {1e3 * per:.1f} ms/candidate){label}")
+    print(f"ratio baseline / rocketkit: {est / t_gpu:9.1f}x")
+    ew, eo = ew.cpu().numpy(), eo.cpu().numpy()
+    diff = max(np.abs(ew[sub] - bw).max(), np.abs(eo[sub] - bo).max())
+    print(f"max |e_rocketkit - e_torch| over {len(sub)} candidates: {diff:.2e}  "
+          f"(e_w {ew.min():.3f}..{ew.max():.3f}, e_o {eo.min():.3f}..{eo.max():.3f})")
+    print(f"peak torch GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (rocketkit's own workspace "
+          f"is outside torch's allocator)")
+    results[(d1, d2)] = t_gpu
+    del W, S
+    torch.cuda.empty_cache()
+
+
+def bench_cpu_vs_cuda(shape, threads):
+    d1, d2 = (int(x) for x in shape.lower().split("x"))
+    W, S = synthetic_layer(d1, d2, seed=5)
+    cands, total = candidate_grid(d1, d2)
+    print(f"\n== rocketkit CPU path vs CUDA on {d1}x{d2} ({len(cands)} candidates, {threads} CPU threads)")
+    t0 = time.perf_counter()
+    cw, co = _native.whitened_errors(W, S, cands, num_threads=threads)
+    t_cpu = time.perf_counter() - t0
+    Wd, Sd = torch.from_numpy(W).cuda(), torch.from_numpy(S).cuda()
+    _native.whitened_errors_cuda(Wd, Sd, cands[:2])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    gw, go = _native.whitened_errors_cuda(Wd, Sd, cands)
+    torch.cuda.synchronize()
+    t_gpu = time.perf_counter() - t0
+    diff = max(np.abs(gw.cpu().numpy() - cw).max(), np.abs(go.cpu().numpy() - co).max())
+    print(f"rocketkit CPU {t_cpu:.3f} s, CUDA {t_gpu:.3f} s: ratio {t_cpu / t_gpu:.1f}x; max |e_cuda - e_cpu| {diff:.2e}")
+
+
+def main_cuda(args):
+    if not (torch.cuda.is_available() and _native.has_cuda()):
+        raise SystemExit("--device cuda needs a CUDA build of rocketkit and a visible GPU")
+    name = torch.cuda.get_device_name()
+    peak = gpu_peak(name, args.peak_tflops)
+    print(f"device: {name} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB), host {cpu_model()} "
+          f"with {os.cpu_count()} cores; torch {torch.__version__}; fp64 throughout (no TF32); SVD {args.svd}")
+    results = {}
+    for shape in (args.shapes or CUDA_SHAPES).split(","):
+        d1, d2 = (int(x) for x in shape.lower().split("x"))
+        stride = args.stride or (1 if d1 * d2 <= 2**22 else 10)
+        bench_cuda_shape(d1, d2, stride, peak, args.svd, results)
+    if all((d1, d2) in results for _, d1, d2 in BLOCK_70B):
+        block = sum(results[(d1, d2)] for _, d1, d2 in BLOCK_70B)
+        print(f"\none 70B block (q, k, v, o, gate, up, down; full grid each): {block:.1f} s; "
+              f"80 blocks ≈ {80 * block / 60:.1f} min")
+    if args.cpu_shape:
+        bench_cpu_vs_cuda(args.cpu_shape, args.threads or os.cpu_count() or 1)
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="576x1536,1536x576,2048x8192")
+    ap.add_argument("--shapes", default=None, help="comma-separated d1xd2 (default depends on --device)")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores (both implementations)")
     ap.add_argument("--refcheck", action="store_true", help="also check factorize() against the profile")
     ap.add_argument("--quick", action="store_true", help="small shapes, baseline on every 5th candidate")
     ap.add_argument("--stride", type=int, default=0, help="baseline on every n-th candidate (0 = auto)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: rocketkit's GPU path vs a torch baseline on the same GPU (70B shapes by default)")
+    ap.add_argument("--svd", default="auto", help="cuda: SVD driver (auto, gesvdp, gesvd)")
+    ap.add_argument("--cpu-shape", default="1024x1024", help="cuda: also time rocketkit's CPU path on this shape")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="cuda: fp64 peak to compare with (0 = by name)")
     args = ap.parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
+    args.shapes = args.shapes or "576x1536,1536x576,2048x8192"
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     shapes = "256x640,640x256" if args.quick else args.shapes

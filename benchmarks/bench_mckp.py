@@ -7,6 +7,7 @@ ks per cr (14 + dense); 50,000 buckets; budget 50% of the dense parameters.
     python benchmarks/bench_mckp.py            # all scales, baseline at 112 layers × 15
     python benchmarks/bench_mckp.py --refcheck # also check the baseline's objective (default on)
     python benchmarks/bench_mckp.py --quick    # skip the slow Python baseline
+    python benchmarks/bench_mckp.py --device cuda  # the DP on the GPU vs the native CPU solver, 70B scale
 """
 
 from __future__ import annotations
@@ -139,6 +140,56 @@ def time_native(errors, params, budget, buckets, threads, repeats):
     return min(times), sol
 
 
+
+def main_cuda(args):
+    """The DP on the GPU (CUDA events around the per-layer kernels) against the native CPU solver
+    in the same run, on the 70B-scale profiles: 560 layers × 294 (+ dense) candidates."""
+    import torch
+
+    from rocketkit import _native
+
+    if not (torch.cuda.is_available() and rocketkit.has_cuda()):
+        raise SystemExit("--device cuda needs a CUDA build of rocketkit and a visible GPU")
+    print(f"device: {torch.cuda.get_device_name()} + host {cpu_name()} ({os.cpu_count()} logical cores); "
+          f"rocketkit {rocketkit.__version__}; buckets {args.buckets}; CPU threads {args.threads or os.cpu_count()}; "
+          f"best of {args.repeats} after a warm-up")
+    hdr = (f"{'profile':<22} {'layers':>6} {'cand/layer':>10} {'kept':>7} {'GPU DP ms':>10} {'GPU call ms':>11} "
+           f"{'CPU ms':>9} {'CPU/GPU DP':>10} {'CPU/GPU call':>12} {'same answer':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+    name, blocks, hidden, kv, mlp = MODELS[-1]
+    cases = []
+    for best_ks in (False, True):
+        errors, params = synthetic_profile(blocks, hidden, kv, mlp, best_ks)
+        cases.append((f"{name} {'14' if best_ks else '294'}+dense", errors, params,
+                      sum(int(p[-1]) for p in params) // 2))
+    errors, params = stress_profile(560, 295)
+    cases.append(("stress all-Pareto 295", errors, params, sum(int(p[-1]) for p in params) // 2))
+    ok = True
+    for label, errors, params, budget in cases:
+        e_dev = [torch.as_tensor(e, dtype=torch.float64, device="cuda") for e in errors]
+        p_dev = [torch.as_tensor(p, dtype=torch.int64, device="cuda") for p in params]
+        _native.solve_mckp_cuda(e_dev, p_dev, budget, args.buckets)  # warm-up
+        dp_ms, call_ms = [], []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sol, ms = _native.solve_mckp_cuda(e_dev, p_dev, budget, args.buckets, return_gpu_ms=True)
+            call_ms.append(1e3 * (time.perf_counter() - t0))
+            dp_ms.append(ms)
+        t_cpu, cpu = time_native(errors, params, budget, args.buckets, args.threads, args.repeats)
+        same = (np.array_equal(sol.choice, cpu.choice) and sol.error == cpu.error and
+                np.array_equal(sol.curve, cpu.curve) and sol.params <= budget)
+        ok &= same
+        n = sum(len(e) for e in errors)
+        print(f"{label:<22} {len(errors):>6} {n / len(errors):>10.1f} {sol.kept_candidates:>7} {min(dp_ms):>10.3f} "
+              f"{min(call_ms):>11.3f} {1e3 * t_cpu:>9.2f} {1e3 * t_cpu / min(dp_ms):>10.1f} "
+              f"{1e3 * t_cpu / min(call_ms):>12.1f} {'yes' if same else 'NO':>11}")
+    print("\nGPU DP ms: the per-layer min-plus kernels between two CUDA events (the targets' 'GPU time'); "
+          "GPU call ms: the whole call, host planning (validation, pruning, LP bound) and copies included.")
+    if not ok:
+        raise SystemExit("the CUDA solver's answer differs from the CPU solver's")
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--buckets", type=int, default=50000)
@@ -147,7 +198,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the Python dict-DP baseline")
     ap.add_argument("--refcheck", action=argparse.BooleanOptionalAction, default=True,
                     help="check the baseline's objective against the native solver")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the GPU DP against the native CPU solver at 70B scale")
     args = ap.parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
 
     print(f"device: {cpu_name()}, {os.cpu_count()} logical cores; rocketkit {rocketkit.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f} (other processes skew the times)")

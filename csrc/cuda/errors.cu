@@ -687,7 +687,9 @@ int64_t norm_blocks(int64_t r) { return (r + kNormWarps - 1) / kNormWarps; }
 void launch_mask(const Basis& b, int64_t k, int64_t s, double* Cm, cudaStream_t st, size_t smem_optin) {
   const size_t bytes = size_t(k) * sizeof(unsigned long long);
   if (s < k && bytes <= smem_optin) {
-    if (bytes > 48 * 1024)
+    // Static and dynamic shared memory together must stay under the 48 KB default unless the
+    // kernel opts in; opt in with margin for the static arrays.
+    if (bytes + 4096 > 48 * 1024)
       ROCKETKIT_CUDA_OK(kFn, cudaFuncSetAttribute(select_mask_kernel<true>,
                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     select_mask_kernel<true><<<unsigned(b.d2), kMaskThreads, bytes, st>>>(b.sigma.get(), b.Vt.get(), b.r,
