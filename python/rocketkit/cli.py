@@ -1,4 +1,4 @@
-"""Command line: ``rocketkit compress MODEL ...`` and ``rocketkit info CKPT``."""
+"""Command line: ``rocketkit compress MODEL ...``, ``rocketkit study MODEL ...`` and ``rocketkit info CKPT``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true")
 
+    st = sub.add_parser("study", help="compare allocation costs (weight, output, blends, uniform): accuracy, PPL, analysis, plots")
+    st.add_argument("model", help="a local HF folder, a .gguf file, or the alias 'smollm2'")
+    st.add_argument("--ratios", type=_float_list, required=True, help="comma-separated fractions removed, e.g. 0.2,0.5")
+    st.add_argument("--costs", default="weight,output,uniform", help="comma-separated, among weight, output, uniform")
+    st.add_argument("--alphas", type=_float_list, default=[], help="blend runs alpha*e_w + (1-alpha)*e_o, e.g. 0,0.25,0.5,0.75,1")
+    st.add_argument("--out", required=True, help="output folder; an unfinished study with the same settings resumes")
+    st.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    st.add_argument("--tasks", default="all", help="comma-separated task names, 'all', or 'none'")
+    st.add_argument("--harness", action="store_true", help="score the tasks with lm-evaluation-harness (needs lm-eval)")
+    st.add_argument("--calib-tokens", type=int, default=16384)
+    st.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for perplexity (0: skip)")
+    st.add_argument("--seq-len", type=int, default=512)
+    st.add_argument("--grid", choices=("full", "reduced"), default="full",
+                    help="full: cr 0.05..0.70 x ks 1.0..3.0 (294); reduced: cr 0.1..0.7 x ks {1,1.5,2,2.5,3}")
+    st.add_argument("--crs", type=_float_list, default=None, help="custom comma-separated cr values (overrides --grid)")
+    st.add_argument("--kss", type=_float_list, default=None, help="custom comma-separated ks values (overrides --grid)")
+    st.add_argument("--buckets", type=int, default=50000)
+    st.add_argument("--batch-size", type=int, default=8, help="calibration and perplexity batch size")
+    st.add_argument("--eval-batch-size", type=int, default=16, help="zero-shot task batch size")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--overwrite", action="store_true", help="replace a study with other settings in --out")
+    st.add_argument("--no-plots", action="store_true")
+    st.add_argument("--no-progress", action="store_true")
+
     i = sub.add_parser("info", help="bytes on disk, parameters and ratio of a compressed checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -63,6 +88,27 @@ def _compress(args) -> int:
     )
     print("rocketkit compress: done")
     print(format_summary(summary))
+    return 0
+
+
+def _study(args) -> int:
+    from rocketkit import profile as prof
+    from rocketkit.study import run_study
+
+    crs, kss = (prof.DEFAULT_CRS, prof.DEFAULT_KS) if args.grid == "full" else (prof.REDUCED_CRS, prof.REDUCED_KS)
+    tasks = None if args.tasks == "all" else [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t.strip()]
+    doc = run_study(
+        args.model, args.ratios, costs=[c.strip() for c in args.costs.split(",") if c.strip()], alphas=args.alphas,
+        out_dir=args.out, limit=args.limit, tasks=tasks, harness=args.harness, calib_tokens=args.calib_tokens,
+        eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
+        buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
+        progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
+    )
+    from pathlib import Path
+
+    table = [line for line in (Path(args.out) / "study.md").read_text().splitlines() if line.startswith("|")]
+    print(f"rocketkit study: done, {len(doc['runs'])} runs in {doc['wall_time_s'] / 60:.1f} min -> {args.out}/study.md")
+    print("\n".join(table[: len(doc["runs"]) + 2]))
     return 0
 
 
@@ -98,7 +144,7 @@ def _info(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _compress(args) if args.command == "compress" else _info(args)
+        return {"compress": _compress, "study": _study, "info": _info}[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"rocketkit {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -31,6 +31,7 @@ import inspect
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,13 @@ def _resolve(tasks: Iterable[str | TaskSpec]) -> list[TaskSpec]:
     return specs
 
 
+@functools.lru_cache(maxsize=None)
+def task_size(task: str) -> int:
+    """Number of examples in the full set of a task of :data:`TASKS`."""
+    (spec,) = _resolve([task])
+    return sum(1 for _ in spec.load())
+
+
 def load_examples(task: str | TaskSpec, limit: int | None = None) -> list[Example]:
     """The first ``limit`` examples of ``task`` (all when None), in a fixed order."""
     if limit is not None and limit < 1:
@@ -383,19 +391,21 @@ def evaluate_tasks(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Zero-shot accuracy per task: ``{task: {"metric", "value", "n"}}``.
+    """Zero-shot accuracy per task: ``{task: {"metric", "value", "n", "seconds"}}``.
 
     ``limit`` takes the first N examples of every task. "average" is the unweighted mean over the
-    multiple-choice tasks that were run (LAMBADA is not one).
+    multiple-choice tasks that were run (LAMBADA is not one). ``seconds`` is the scoring time.
     """
     results: dict[str, dict] = {}
     multiple_choice = []
     for spec in _resolve(tasks):
         examples = load_examples(spec, limit)
+        start = time.perf_counter()
         value = score_examples(
             model, tokenizer, examples, spec.metric, batch_size=batch_size, device=device, progress=progress, desc=spec.name
         )
-        results[spec.name] = {"metric": spec.metric, "value": value, "n": len(examples)}
+        results[spec.name] = {"metric": spec.metric, "value": value, "n": len(examples),
+                              "seconds": time.perf_counter() - start}
         if spec.multiple_choice:
             multiple_choice.append(value)
     if multiple_choice:
