@@ -349,11 +349,18 @@ __global__ void diag_gram_kernel(const double* __restrict__ sigma, int64_t k, do
   }
 }
 
-// mean(diag G), summed in row order as on the CPU.
+// mean(diag G), one block, a fixed summation order (it only scales the ridge ε).
 __global__ void mean_diag_kernel(const double* __restrict__ G, int64_t k, double* __restrict__ out) {
+  __shared__ double s[kThreads];
   double acc = 0;
-  for (int64_t i = 0; i < k; ++i) acc += G[i + i * k];
-  *out = acc / double(k);
+  for (int64_t i = threadIdx.x; i < k; i += kThreads) acc += G[i + i * k];
+  s[threadIdx.x] = acc;
+  __syncthreads();
+  for (int h = kThreads / 2; h > 0; h >>= 1) {
+    if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = s[0] / double(k);
 }
 
 __global__ void add_ridge_kernel(double* __restrict__ G, int64_t k, double eps) {
@@ -930,7 +937,7 @@ ErrorsStats whitened_errors(const double* W_dev, const double* S_dev, int64_t d1
       const cudaStream_t st = p.stream.get();
       launch_mask(b, k, s, p.Cm.get(), st, smem_optin);
       gram(Lb, p, b, k, s);
-      mean_diag_kernel<<<1, 1, 0, st>>>(p.G.get(), k, status.mean.get() + c);
+      mean_diag_kernel<<<1, kThreads, 0, st>>>(p.G.get(), k, status.mean.get() + c);
       potrf(Lb, p, k, status.info.get() + c);
       check_factor_kernel<<<grid_for(k, kThreads), kThreads, 0, st>>>(p.G.get(), k, status.bad.get() + c);
       solve_and_finish(Lb, p, b, k, 0.0, e_weight_dev + c, e_output_dev + c);
