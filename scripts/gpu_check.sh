@@ -77,6 +77,12 @@ if want build; then
   fi
   # --no-deps: the image has torch & co. but not every runtime dependency (gguf, ...), and no internet.
   export ROCKETKIT_ENABLE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+  # The nvidia-* wheels' headers, if present, let CMake check our cuBLAS/cuSOLVER declarations.
+  ROCKETKIT_CUDA_MATH_INCLUDE=$("$PY" -c "
+import os, nvidia
+subs = ('cu13/include', 'cu12/include', 'cublas/include', 'cusolver/include')
+print(':'.join(os.path.join(p, s) for p in nvidia.__path__ for s in subs if os.path.isdir(os.path.join(p, s))))" 2>/dev/null)
+  export ROCKETKIT_CUDA_MATH_INCLUDE
   run "build (pip install .)" "$OUT/build.log" 420 \
     "$PY" -m pip install -v --no-build-isolation --no-deps . || { note "build failed: see build.log"; exit 1; }
   (cd /tmp && "$PY" -c "import rocketkit, json; i = rocketkit.build_info(); print(json.dumps(i)); assert i['cuda_compiled'] and rocketkit.has_cuda()") \
