@@ -234,7 +234,7 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match=r"\[whitened_errors\] svd must be"):
         _native.whitened_errors_cuda(cuda(W), cuda(S), cands, svd="jacobi")
     with pytest.raises(ValueError, match=r"\[whitened_errors\] W must be GPU memory"):
-        _C.whitened_errors_cuda(W.ctypes.data, S.ctypes.data, 6, 8, cands, 0, 0, 0)
+        _C.whitened_errors_cuda(W.ctypes.data, S.ctypes.data, 6, 8, cands, W.ctypes.data, W.ctypes.data, 0)
 
 
 # ---- MCKP ------------------------------------------------------------------------------------------
@@ -267,9 +267,8 @@ def test_mckp_matches_cpu(layers, cands, buckets, ties):
     assert sol.error == cpu.error and sol.params == cpu.params <= budget
     assert sol.lower_bound == cpu.lower_bound and sol.kept_candidates == cpu.kept_candidates
     # the public call dispatches on the tensors' device
-    again = rocketkit.solve_mckp([cuda(e, torch.float32).double() for e in errors],
-                                 [cuda(p, torch.int64) for p in params], budget, buckets)
-    assert again.error == cpu.error
+    again = rocketkit.solve_mckp([cuda(e) for e in errors], [cuda(p, torch.int32) for p in params], budget, buckets)
+    assert again.error == cpu.error and np.array_equal(again.choice, cpu.choice)
 
 
 @gpu()
