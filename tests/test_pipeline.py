@@ -26,7 +26,8 @@ def _check_checkpoint(out, model, ids, tol=1e-6):
         p, a = rec["errors"]["profiled"], rec["errors"]["applied"]
         assert abs(p["e_weight"] - a["e_weight"]) <= tol, rec["name"]
         assert abs(p["e_output"] - a["e_output"]) <= tol, rec["name"]
-    for f in ("profile.json", "profile.safetensors", "allocation.json", "summary.json", "model.safetensors"):
+    for f in ("profile.json", "profile.safetensors", "allocation.json", "summary.json", "runlog.json",
+              "model.safetensors.index.json"):
         assert (out / f).is_file(), f
     loaded = load_pretrained(out)
     with torch.no_grad():

@@ -43,16 +43,28 @@ def _dense(folder) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
 
 
-def _run_worker(folder: Path, mode: str) -> dict:
+def _start_worker(folder: Path, mode: str, *extra) -> subprocess.Popen:
     # A fixed glibc mmap threshold keeps freed block-sized tensors from lingering in the heap, so the
     # peak measures what is allocated rather than allocator retention (which varies by ~1 block).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": str(MIB)}
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(folder), mode],
-        capture_output=True, text=True, env=env, timeout=300,
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), str(folder), mode, *map(str, extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _finish_worker(proc: subprocess.Popen, timeout: float = 600) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _run_worker(folder: Path, mode: str) -> dict:
+    return _finish_worker(_start_worker(folder, mode), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +91,36 @@ def test_streaming_peak_rss_independent_of_depth(wide_checkpoints):
     # Above the bare interpreter: the full model's size plus a fixed margin for the Grams and the
     # whitening temporaries (six 2816² fp64 matrices).
     assert s4["peak_rss"] - s4["base_rss"] < full_bytes + 6 * 2816**2 * 8
+
+
+def test_streaming_compress_peak_rss_independent_of_depth(wide_checkpoints, tmp_path):
+    """The whole compress (both passes, allocation, shard-by-shard checkpoint) on 2 and 4 blocks."""
+    from rocketkit import load_pretrained
+
+    root, params = wide_checkpoints
+    block_bytes = (params[4] - params[2]) // 2 * 4  # fp32
+    full_bytes = params[4] * 4
+    # Both depths at once (one thread each): the test costs the deeper run's time.
+    procs = {n: _start_worker(root / f"b{n}", "compress", tmp_path / f"out{n}") for n in (2, 4)}
+    runs = {n: _finish_worker(p) for n, p in procs.items()}
+    report = {n: round(r["peak_rss"] / MIB, 1) for n, r in runs.items()}
+    print(f"\ncompress peak RSS MiB {report}; block {block_bytes / MIB:.1f} MiB, full model {full_bytes / MIB:.1f} MiB")
+    for n, r in runs.items():
+        assert r["blocks"] == n and r["factorized_layers"] > 0
+        assert r["max_profiled_vs_applied_error"] <= 1e-6
+        # The run log's per-block peaks are what the whole-run peak is made of.
+        assert max(r["block_peaks"]) <= r["peak_rss"]
+    assert abs(runs[4]["peak_rss"] - runs[2]["peak_rss"]) < 0.5 * block_bytes
+    # Above the interpreter with its libraries: the full fp32 model plus a fixed margin for one
+    # block's Grams and whitening temporaries (eight 2816² fp64 matrices), not a multiple of depth.
+    assert runs[4]["peak_rss"] - runs[4]["base_rss"] < full_bytes + 8 * 2816**2 * 8
+    cfg = json.loads((tmp_path / "out4" / "config.json").read_text())
+    index = json.loads((tmp_path / "out4" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 5  # non-block weights + one shard per block
+    model = load_pretrained(tmp_path / "out4")
+    assert sum(1 for r in cfg["rocketkit"]["layers"]) == runs[4]["factorized_layers"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long)).logits).all()
 
 
 def test_streamed_grams_equal_dense(tmp_path):
@@ -197,5 +239,29 @@ def _worker(folder: str, mode: str) -> None:
     print(json.dumps({"peak_rss": peak, "base_rss": base, "blocks": n}))
 
 
+def _compress_worker(folder: str, out: str) -> None:
+    """pipeline.compress of ``folder`` (small grid, 4 x 64 tokens); print the run's peak RSS as JSON."""
+    from transformers import AutoModelForCausalLM  # noqa: F401  (the libraries are not the model)
+
+    from rocketkit.pipeline import compress
+    from rocketkit.runlog import vm_hwm_bytes
+
+    base = vm_hwm_bytes()
+    ids = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
+    s = compress(folder, 0.1, out_dir=out, calib_ids=ids, crs=(0.5,), kss=(1.0,), buckets=2000, batch_size=2,
+                 num_threads=1, progress=False)
+    # The run log resets VmHWM per block and keeps the maximum; whatever ran after its last entry
+    # shows in the current VmHWM.
+    log = json.loads((Path(out) / "runlog.json").read_text())
+    blocks = log["attempts"][0]["ranks"][0]["blocks"]
+    print(json.dumps({"peak_rss": max(log["peak_rss_bytes"], vm_hwm_bytes()), "base_rss": base, "blocks": s["blocks"],
+                      "factorized_layers": s["factorized_layers"],
+                      "max_profiled_vs_applied_error": s["max_profiled_vs_applied_error"],
+                      "block_peaks": [b["peak_rss_bytes"] for b in blocks]}))
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    if sys.argv[2] == "compress":
+        _compress_worker(sys.argv[1], sys.argv[3])
+    else:
+        _worker(sys.argv[1], sys.argv[2])

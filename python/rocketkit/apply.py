@@ -36,11 +36,64 @@ def dense_C(values: np.ndarray, indices: np.ndarray, k: int) -> np.ndarray:
 
 
 def measured_errors(W: np.ndarray, S: np.ndarray, U: np.ndarray, C: np.ndarray) -> tuple[float, float]:
-    """(‖W − U·C‖/‖W‖, ‖S(W − U·C)‖/‖SW‖) in fp64, by explicit reconstruction; 0 for a zero W."""
-    S = np.triu(S)
-    R = W - U @ C
-    nw, no = np.linalg.norm(W), np.linalg.norm(S @ W)
-    return (float(np.linalg.norm(R) / nw) if nw > 0 else 0.0, float(np.linalg.norm(S @ R) / no) if no > 0 else 0.0)
+    """(‖W − U·C‖/‖W‖, ‖S(W − U·C)‖/‖SW‖) in fp64, by explicit reconstruction; 0 for a zero W.
+    Only S's upper triangle is read."""
+    t = [torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (W, S, U, C)]
+    return _measured_errors(t[0], torch.triu(t[1]), t[2], t[3])
+
+
+def _measured_errors(W: torch.Tensor, S_upper: torch.Tensor, U: torch.Tensor, C: torch.Tensor) -> tuple[float, float]:
+    """measured_errors on fp64 tensors (on S's device) with S already upper triangular."""
+    dev = S_upper.device
+    W, U, C = (a.to(device=dev, dtype=torch.float64) for a in (W, U, C))
+    R = torch.addmm(W, U, C, alpha=-1.0)
+    nw, no = float(torch.linalg.norm(W)), float(torch.linalg.norm(S_upper @ W))
+    er = float(torch.linalg.norm(R))
+    eo = float(torch.linalg.norm(S_upper @ R))
+    return (er / nw if nw > 0 else 0.0, eo / no if no > 0 else 0.0)
+
+
+def factorize_block(cb, decisions: dict, free_grams: bool = False) -> dict[str, tuple[FactorizedLinear, AppliedLayer]]:
+    """Factorize the linears of one calibrated block (``calibrate.CalibratedBlock``) named in
+    ``decisions`` (name relative to the block -> a non-dense ``allocate.LayerDecision``).
+
+    Distinct Grams are whitened one at a time, each once (``free_grams=True`` also drops each Gram
+    after use); every layer's errors are measured by explicit reconstruction. Returns rel ->
+    (FactorizedLinear in the layer's dtype and device, AppliedLayer) in the block's module order;
+    the block itself is not modified."""
+    from rocketkit._native import factorize
+    from rocketkit.profile import gram_groups, weight_f64
+    from rocketkit.whiten import whiten
+
+    unknown = sorted(set(decisions) - set(cb.linears))
+    if unknown:
+        raise ValueError(f"{cb.name}: no linears named {unknown}")
+    for rel, d in decisions.items():
+        if d.dense:
+            raise ValueError(f"{cb.name}.{rel}: the allocation keeps this layer dense")
+    out = {}
+    for gram, rels in gram_groups(cb.grams, [rel for rel in cb.linears if rel in decisions]):
+        wh = whiten(gram.H)
+        if free_grams:
+            gram.H = None
+        S = np.ascontiguousarray(wh.S.cpu().numpy())
+        for rel in rels:
+            d = decisions[rel]
+            lin = cb.linears[rel]
+            W = weight_f64(lin)
+            f = factorize(W, S, d.k, d.s)
+            e_w, e_o = _measured_errors(torch.from_numpy(W), wh.S, torch.from_numpy(f.U),
+                                        torch.from_numpy(dense_C(f.values, f.indices, d.k)))
+            del W
+            bias = lin.bias.detach() if lin.bias is not None else None
+            new = FactorizedLinear.from_factors(
+                f.U, f.values, f.indices, bias=bias, dtype=lin.weight.dtype, device=lin.weight.device
+            )
+            new.train(lin.training)
+            out[rel] = (new, AppliedLayer(f"{cb.name}.{rel}", d.k, d.s, e_w, e_o, float(f.ridge), float(wh.jitter)))
+            del f
+        del S, wh
+    return {rel: out[rel] for rel in cb.linears if rel in out}
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -59,9 +112,7 @@ def apply_allocation(
     """Factorize every non-dense layer of ``allocation`` in place; returns the measured errors per layer."""
     from tqdm.auto import tqdm
 
-    from rocketkit._native import factorize
     from rocketkit.calibrate import stream_blocks
-    from rocketkit.profile import weight_f64, whiten_grams
 
     todo = {n: d for n, d in allocation.layers.items() if not d.dense}
     modules = dict(model.named_modules())
@@ -75,25 +126,12 @@ def apply_allocation(
     bar = tqdm(total=len(todo), desc="factorize", unit="layer", disable=not progress)
     try:
         for cb in stream_blocks(model, input_ids, batch_size=batch_size, device=device, progress=progress):
-            mine = {rel: lin for rel, lin in cb.linears.items() if f"{cb.name}.{rel}" in todo}
+            mine = {rel: todo[f"{cb.name}.{rel}"] for rel in cb.linears if f"{cb.name}.{rel}" in todo}
             if not mine:
                 continue
-            whitenings = whiten_grams({rel: cb.grams[rel] for rel in mine})
-            for rel, lin in mine.items():
-                name = f"{cb.name}.{rel}"
-                d = todo[name]
-                wh = whitenings[id(cb.grams[rel])]
-                W = weight_f64(lin)
-                S = np.ascontiguousarray(wh.S.cpu().numpy())
-                f = factorize(W, S, d.k, d.s)
-                e_w, e_o = measured_errors(W, S, f.U, dense_C(f.values, f.indices, d.k))
-                bias = lin.bias.detach() if lin.bias is not None else None
-                new = FactorizedLinear.from_factors(
-                    f.U, f.values, f.indices, bias=bias, dtype=lin.weight.dtype, device=lin.weight.device
-                )
-                new.train(lin.training)
+            for rel, (new, a) in factorize_block(cb, mine).items():
                 _set_submodule(cb.block, rel, new)
-                applied[name] = AppliedLayer(name, d.k, d.s, e_w, e_o, float(f.ridge), float(wh.jitter))
+                applied[a.name] = a
                 bar.update(1)
     finally:
         bar.close()

@@ -131,6 +131,107 @@ def _gram_hooks(linears: dict[str, nn.Linear], grams: dict[str, Gram], seen: dic
     return handles
 
 
+class BlockStream:
+    """The decoder blocks of ``model`` run one at a time, in order, over every calibration batch.
+
+    Construction runs the model up to its first block (recorders stand in for the blocks) to
+    capture block 0's inputs and the arguments the model hands each block. ``run(i, ...)`` then
+    materializes block i (streaming models), feeds it the current activations with Gram hooks on
+    the requested linears only, and makes its dense outputs the next block's inputs; ``release(i)``
+    frees block i's weights. Callers that need no Grams of a block (another rank owns it, or a
+    resumed run already profiled it) still run it, so every block sees the same inputs.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, device="cpu"):
+        config = getattr(model, "config", None)
+        if config is not None:
+            check_model_type(config)
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be (n_seq, seq_len) with n_seq >= 1, got {tuple(input_ids.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.path, self.blocks = find_decoder_blocks(model)
+        self.streaming = streaming_weights(model)
+        for block in self.blocks:  # fail before any work
+            block_linears(block)
+        self._was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.hidden, self.calls = _capture_block_inputs(model, self.blocks, input_ids, batch_size, device)
+        except BaseException:
+            model.train(self._was_training)
+            raise
+        self.next_index = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.hidden)
+
+    @torch.no_grad()
+    def run(self, i: int, grams_for="all", on_batch=None, before=None) -> CalibratedBlock:
+        """Run block i (the next one) over every batch; Grams of the linears named in ``grams_for``
+        ("all", None, or names relative to the block). ``before(block)`` runs after the weights are
+        materialized and before the forward (to swap modules in). Returns the block with its Grams;
+        its weights stay materialized until :meth:`release`."""
+        if i != self.next_index:
+            raise RuntimeError(f"blocks run in order: expected block {self.next_index}, got {i}")
+        if self.streaming is not None:
+            self.streaming.materialize_block(i)
+        block = self.blocks[i]
+        if before is not None:
+            before(block)
+        # Without Grams the block may have no nn.Linear left (all swapped for compressed modules).
+        linears = (block_linears(block) if grams_for is not None
+                   else {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)})
+        if grams_for == "all":
+            wanted = linears
+        else:
+            names = set(grams_for or ())
+            unknown = names - set(linears)
+            if unknown:
+                raise ValueError(f"{self.path}.{i}: no linears named {sorted(unknown)}")
+            wanted = {n: m for n, m in linears.items() if n in names}
+        grams: dict[str, Gram] = {}
+        seen: dict = {}
+        handles = _gram_hooks(wanted, grams, seen)
+        try:
+            outputs = []
+            for b, x in enumerate(self.hidden):
+                seen.clear()
+                args, kwargs = self.calls[b][i]
+                outputs.append(_block_output(block(x, *args, **kwargs)))
+                if on_batch is not None:
+                    on_batch()
+            seen.clear()
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in wanted if n not in grams]
+        if missing:
+            raise RuntimeError(f"{self.path}.{i}: linears never called during calibration: {missing}")
+        for gram in {id(g): g for g in grams.values()}.values():
+            # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
+            gram.H = (gram.H + gram.H.T).mul_(0.5)
+        # Dense outputs feed the next block before the consumer touches this one.
+        self.hidden = outputs
+        self.next_index = i + 1
+        return CalibratedBlock(index=i, name=f"{self.path}.{i}", block=block, linears=linears, grams=grams)
+
+    def release(self, i: int) -> None:
+        if self.streaming is not None:
+            self.streaming.release_block(i)
+
+    def close(self) -> None:
+        """Drop the activations and restore the model's training flag."""
+        self.hidden, self.calls = [], []
+        self.model.train(self._was_training)
+
+
 @torch.no_grad()
 def stream_blocks(
     model: nn.Module,
@@ -143,58 +244,20 @@ def stream_blocks(
 
     The model must already be on ``device``; ``input_ids`` (n_seq, seq_len) are moved there batch by
     batch. A streaming model (``models.open_streaming``) has block i's weights only while block i is
-    being calibrated or held by the consumer; they are released when the generator resumes. Activations of all batches stay on ``device`` (inputs and outputs of one block at a time).
+    being calibrated or held by the consumer; they are released when the generator resumes.
+    Activations of all batches stay on ``device`` (inputs and outputs of one block at a time).
     """
-    config = getattr(model, "config", None)
-    if config is not None:
-        check_model_type(config)
-    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be (n_seq, seq_len) with n_seq >= 1, got {tuple(input_ids.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    path, blocks = find_decoder_blocks(model)
-    streaming = streaming_weights(model)
-    for block in blocks:  # fail before any work
-        block_linears(block)
-    was_training = model.training
-    model.eval()
+    stream = BlockStream(model, input_ids, batch_size=batch_size, device=device)
     try:
-        hidden, calls = _capture_block_inputs(model, blocks, input_ids, batch_size, device)
-        bar = tqdm(total=len(blocks) * len(hidden), desc="calibrate", unit="batch", disable=not progress)
+        bar = tqdm(total=len(stream) * stream.n_batches, desc="calibrate", unit="batch", disable=not progress)
         try:
-            for i, block in enumerate(blocks):
-                if streaming is not None:
-                    streaming.materialize_block(i)
+            for i in range(len(stream)):
                 try:
-                    linears = block_linears(block)
-                    grams: dict[str, Gram] = {}
-                    seen: dict = {}
-                    handles = _gram_hooks(linears, grams, seen)
-                    try:
-                        outputs = []
-                        for b, x in enumerate(hidden):
-                            seen.clear()
-                            args, kwargs = calls[b][i]
-                            outputs.append(_block_output(block(x, *args, **kwargs)))
-                            bar.update(1)
-                        seen.clear()
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    missing = [n for n in linears if n not in grams]
-                    if missing:
-                        raise RuntimeError(f"{path}.{i}: linears never called during calibration: {missing}")
-                    for gram in {id(g): g for g in grams.values()}.values():
-                        # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
-                        gram.H = (gram.H + gram.H.T).mul_(0.5)
-                    hidden = outputs  # dense outputs feed the next block before the consumer touches this one
-                    yield CalibratedBlock(index=i, name=f"{path}.{i}", block=block, linears=linears, grams=grams)
-                    del grams, linears
+                    yield stream.run(i, on_batch=lambda: bar.update(1))
                 finally:
                     # Resumed (or closed): the consumer is done with this block.
-                    if streaming is not None:
-                        streaming.release_block(i)
+                    stream.release(i)
         finally:
             bar.close()
     finally:
-        model.train(was_training)
+        stream.close()

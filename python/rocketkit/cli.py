@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the model is computed and saved in (Grams are always fp64)")
+    c.add_argument("--threads", type=int, default=0,
+                   help="torch and BLAS threads (0: torch's default; results are bit-identical only at equal counts)")
+    c.add_argument("--work-dir", default=None,
+                   help="work folder of the resumable run (default: OUT.partial); a rerun resumes from it")
+    c.add_argument("--restart", action="store_true", help="discard an unfinished run's work folder and start over")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model folder's own code (off by default)")
 
     st = sub.add_parser("study", help="compare allocation costs (weight, output, blends, uniform): accuracy, PPL, analysis, plots")
     st.add_argument("model", help="a local HF folder, a .gguf file, or the alias 'smollm2'")
@@ -75,19 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compress(args) -> int:
+    import torch
+
     from rocketkit import profile as prof
     from rocketkit.pipeline import compress, format_summary
+    from rocketkit.workdir import default_work_dir
 
     crs, kss = (prof.DEFAULT_CRS, prof.DEFAULT_KS) if args.grid == "full" else (prof.REDUCED_CRS, prof.REDUCED_KS)
-    summary = compress(
-        args.model, args.ratio, cost=args.cost, alpha=args.alpha, calib_tokens=args.calib_tokens,
-        seq_len=args.seq_len, out_dir=args.out, crs=args.crs or crs, kss=args.kss or kss, buckets=args.buckets,
-        eval_tokens=args.eval_tokens, device=args.device, progress=not args.no_progress,
-        batch_size=args.batch_size, method=args.method, weighting=None if args.weighting == "none" else "params",
-        overwrite=args.overwrite, seed=args.seed,
-    )
-    print("rocketkit compress: done")
-    print(format_summary(summary))
+    try:
+        summary = compress(
+            args.model, args.ratio, cost=args.cost, alpha=args.alpha, calib_tokens=args.calib_tokens,
+            seq_len=args.seq_len, out_dir=args.out, crs=args.crs or crs, kss=args.kss or kss, buckets=args.buckets,
+            eval_tokens=args.eval_tokens, device=args.device, progress=not args.no_progress,
+            batch_size=args.batch_size, method=args.method, weighting=None if args.weighting == "none" else "params",
+            overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
+            work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
+        )
+    except KeyboardInterrupt:
+        work = args.work_dir or default_work_dir(args.out)
+        print(f"rocketkit compress: interrupted; {args.out} was not written. Rerun the same command to resume "
+              f"from {work}", file=sys.stderr)
+        return 130
+    if summary.get("rank", 0) == 0:
+        print("rocketkit compress: done")
+        print(format_summary(summary))
     return 0
 
 

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 entries; results get the permissions a plain open() would give.
+_FILE_MODE = 0o666 & ~_current_umask()
+_DIR_MODE = 0o777 & ~_current_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -27,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -60,10 +72,66 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    """safetensors.torch.save_file through a temporary file and a rename."""
-    from safetensors.torch import save
+    """safetensors.torch.save_file into a temporary file in the same folder, fsync, then rename.
+    The tensors are written straight to the file (no in-memory copy of the whole file)."""
+    from safetensors.torch import save_file
 
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, _FILE_MODE)
+        finally:
+            os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            if metadata is not None and len(metadata) > 1:
+                _sort_safetensors_metadata(f)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sort_safetensors_metadata(f) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted. safetensors
+    builds the metadata in a Rust HashMap, whose order changes from process to process, so the same
+    tensors and metadata would otherwise give different bytes. The header keeps its length."""
+    import struct
+
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    raw = f.read(n)
+    header = json.loads(raw)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        raise RuntimeError("safetensors header grew while sorting its metadata")
+    f.seek(8)
+    f.write(text + b" " * (n - len(text)))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders (``.NAME.*.tmp``) that writers killed before their
+    rename left in ``folder`` (not recursive); returns what was removed. Only call it while no
+    writer is active in the folder."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    return removed
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict]:
@@ -94,6 +162,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, _DIR_MODE)
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

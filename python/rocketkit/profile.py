@@ -211,6 +211,71 @@ def whiten_grams(grams: dict) -> dict:
     return {id(g): whiten(g.H) for g in {id(g): g for g in grams.values()}.values()}
 
 
+def check_grid(crs, kss) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The validated (crs, kss) axes of a candidate grid."""
+    return _check_axis("crs", crs, 0.0, 1.0, True, True), _check_axis("kss", kss, 1.0, math.inf, False, True)
+
+
+def gram_groups(grams: dict, names) -> list[tuple[object, list[str]]]:
+    """(Gram, the names among ``names`` sharing it) per distinct Gram, in first-use order."""
+    groups: dict[int, tuple[object, list[str]]] = {}
+    for n in names:
+        g = grams[n]
+        groups.setdefault(id(g), (g, []))[1].append(n)
+    return list(groups.values())
+
+
+def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_layer=None,
+                  free_grams: bool = False) -> dict[str, LayerProfile]:
+    """Score every candidate of each linear of one calibrated block (``calibrate.CalibratedBlock``).
+
+    Distinct Grams are whitened one at a time, each once, and its S is dropped once its layers are
+    scored (``free_grams=True`` drops the Gram too), so at most one S exists at a time.
+    ``on_layer(name)`` is called after each layer. Layers come back in the block's module order."""
+    from rocketkit._native import whitened_errors
+    from rocketkit.whiten import whiten
+
+    crs, kss = check_grid(crs, kss)
+    layers: dict[str, LayerProfile] = {}
+    for gram, rels in gram_groups(cb.grams, list(cb.linears)):
+        wh = whiten(gram.H)
+        S = np.ascontiguousarray(wh.S.cpu().numpy())  # no copy on the CPU
+        for rel in rels:
+            lin = cb.linears[rel]
+            d1, d2 = lin.in_features, lin.out_features
+            grid = candidate_grid(d1, d2, crs, kss)
+            if len(grid):
+                cand = np.stack([grid.k, grid.s], axis=1)
+                e_w, e_o = whitened_errors(weight_f64(lin), S, cand, num_threads=num_threads)
+            else:
+                e_w = e_o = np.zeros(0)
+            name = f"{cb.name}.{rel}"
+            layers[name] = LayerProfile(
+                name, d1, d2, grid, np.asarray(e_w, dtype=np.float64), np.asarray(e_o, dtype=np.float64),
+                float(wh.jitter), int(wh.dead_channels), int(gram.tokens), int(gram.skipped),
+            )
+            if on_layer is not None:
+                on_layer(name)
+        del S, wh
+        if free_grams:
+            gram.H = None
+    return {f"{cb.name}.{rel}": layers[f"{cb.name}.{rel}"] for rel in cb.linears}
+
+
+def profile_meta(model, input_ids, crs, kss) -> dict:
+    """The meta section of a profile: the grid and what it was calibrated on (no timings, so that
+    reruns write identical files)."""
+    config = getattr(model, "config", None)
+    return {
+        "crs": list(crs),
+        "kss": list(kss),
+        "model_type": getattr(config, "model_type", None),
+        "n_seq": int(input_ids.shape[0]),
+        "seq_len": int(input_ids.shape[1]),
+        "tokens": int(input_ids.numel()),
+    }
+
+
 def profile_model(
     model,
     input_ids,
@@ -224,49 +289,20 @@ def profile_model(
     """Calibrate block by block and score every candidate of every decoder linear."""
     from tqdm.auto import tqdm
 
-    from rocketkit._native import whitened_errors
     from rocketkit.calibrate import stream_blocks
+    from rocketkit.models import block_linears, decoder_blocks
 
-    crs = _check_axis("crs", crs, 0.0, 1.0, True, True)
-    kss = _check_axis("kss", kss, 1.0, math.inf, False, True)
+    crs, kss = check_grid(crs, kss)
     t0 = time.perf_counter()
     layers: dict[str, LayerProfile] = {}
     bar = None
     for cb in stream_blocks(model, input_ids, batch_size=batch_size, device=device, progress=progress):
         if bar is None:
-            from rocketkit.models import block_linears, decoder_blocks
-
             total = sum(len(block_linears(b)) for b in decoder_blocks(model))
             bar = tqdm(total=total, desc="profile", unit="layer", disable=not progress)
-        whitenings = whiten_grams(cb.grams)
-        for rel, lin in cb.linears.items():
-            gram = cb.grams[rel]
-            wh = whitenings[id(gram)]
-            d1, d2 = lin.in_features, lin.out_features
-            grid = candidate_grid(d1, d2, crs, kss)
-            if len(grid):
-                cand = np.stack([grid.k, grid.s], axis=1)
-                S = np.ascontiguousarray(wh.S.cpu().numpy())
-                e_w, e_o = whitened_errors(weight_f64(lin), S, cand, num_threads=num_threads)
-            else:
-                e_w = e_o = np.zeros(0)
-            name = f"{cb.name}.{rel}"
-            layers[name] = LayerProfile(
-                name, d1, d2, grid, np.asarray(e_w, dtype=np.float64), np.asarray(e_o, dtype=np.float64),
-                float(wh.jitter), int(wh.dead_channels), int(gram.tokens), int(gram.skipped),
-            )
-            bar.update(1)
-        del whitenings
+        layers.update(profile_block(cb, crs, kss, num_threads=num_threads, on_layer=lambda _: bar.update(1)))
     if bar is not None:
         bar.close()
-    config = getattr(model, "config", None)
-    meta = {
-        "crs": list(crs),
-        "kss": list(kss),
-        "model_type": getattr(config, "model_type", None),
-        "n_seq": int(input_ids.shape[0]),
-        "seq_len": int(input_ids.shape[1]),
-        "tokens": int(input_ids.numel()),
-        "seconds": time.perf_counter() - t0,
-    }
+    meta = profile_meta(model, input_ids, crs, kss)
+    meta["seconds"] = time.perf_counter() - t0
     return Profile(layers=layers, meta=meta)

@@ -3,10 +3,13 @@
 Peak RSS per entry comes from /proc/self/status VmHWM, reset at the start of each entry through
 /proc/self/clear_refs where Linux allows it ("rss_peak_scope": "entry"); elsewhere it is the
 process-lifetime peak from getrusage ("process"). On CUDA the entry's
-torch.cuda.max_memory_allocated is recorded too (reset at the start of each entry).
+torch.cuda.max_memory_allocated is recorded too (reset at the start of each entry). Entries nest
+(a stage around its blocks): before any reset the current high-water marks are credited to every
+open entry, so an outer entry's peak covers its inner ones.
 The file is rewritten atomically after every entry, so a killed run leaves a valid log.
-Resetting VmHWM also resets what getrusage reports as ru_maxrss, so the run's true peak is kept
-here (``RunLog.peak_rss_bytes``, saved as "peak_rss_bytes").
+Resetting VmHWM also lowers what getrusage reports as ru_maxrss (though not below a parent's peak
+inherited across exec), so the run's true peak is kept here (``RunLog.peak_rss_bytes``, saved as
+"peak_rss_bytes").
 """
 
 from __future__ import annotations
@@ -83,35 +86,55 @@ class RunLog:
             "blocks": [],
         }
         self._peak = 0
+        self._open: list[dict] = []  # entries being measured, outermost first (a stage around its blocks)
 
     @property
     def peak_rss_bytes(self) -> int:
-        """The process's peak RSS so far, including the peaks that per-entry resets cleared."""
-        return max(self._peak, process_peak_rss_bytes())
+        """The process's peak RSS so far, including the peaks that per-entry resets cleared. From
+        VmHWM where /proc has it: ru_maxrss would carry a bigger parent's peak across fork + exec."""
+        hwm = _read_status_kib("VmHWM")
+        return max(self._peak, hwm * _KIB if hwm is not None else process_peak_rss_bytes())
+
+    def _fold_peaks(self, cuda: bool) -> None:
+        """Credit the current high-water marks (VmHWM: the peak since the last reset) to every open
+        entry before a reset clears them."""
+        hwm = _read_status_kib("VmHWM")
+        rss = hwm * _KIB if hwm is not None else process_peak_rss_bytes()
+        self._peak = max(self._peak, rss)
+        cuda_peak = None
+        if cuda:
+            import torch
+
+            cuda_peak = int(torch.cuda.max_memory_allocated())
+        for e in self._open:
+            e["_rss"] = max(e.get("_rss", 0), rss)
+            if cuda_peak is not None:
+                e["_cuda"] = max(e.get("_cuda", 0), cuda_peak)
 
     @contextlib.contextmanager
     def _measure(self, kind: str, entry: dict) -> Iterator[dict]:
-        self._peak = self.peak_rss_bytes
-        scoped = _reset_peak_rss() and _read_status_kib("VmHWM") is not None
         cuda = _cuda_available()
+        self._fold_peaks(cuda)
+        scoped = _reset_peak_rss() and _read_status_kib("VmHWM") is not None
         if cuda:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+        self._open.append(entry)
         t0 = time.perf_counter()
         try:
             yield entry  # callers may add fields while the entry runs
         finally:
             entry["seconds"] = time.perf_counter() - t0
-            hwm = _read_status_kib("VmHWM") if scoped else None
-            entry["peak_rss_bytes"] = hwm * _KIB if hwm is not None else process_peak_rss_bytes()
-            self._peak = max(self._peak, entry["peak_rss_bytes"])
-            entry["rss_peak_scope"] = "entry" if hwm is not None else "process"
+            cuda = cuda or _cuda_available()
+            self._fold_peaks(cuda)
+            self._open.remove(entry)
+            entry["peak_rss_bytes"] = entry.pop("_rss")
+            entry["rss_peak_scope"] = "entry" if scoped else "process"
             entry["rss_bytes"] = current_rss_bytes()
-            if cuda:
-                import torch
-
-                entry["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+            cuda_peak = entry.pop("_cuda", None)
+            if cuda_peak is not None:
+                entry["cuda_max_allocated_bytes"] = cuda_peak
             self.data[kind].append(entry)
             self.save()
 
