@@ -53,6 +53,9 @@ def test_compress_and_info(tiny_folder, tmp_path, capsys):
         (["compress", "MODEL", "--ratio", "0", "--out", "OUT"], "ratio must be in (0, 1)"),
         (["compress", "MODEL", "--ratio", "0.2", "--cost", "blend", "--out", "OUT"], "alpha"),
         (["compress", "/nonexistent/model", "--ratio", "0.2", "--out", "OUT"], "not a local model folder"),
+        (["compress", "MODEL", "--ratio", "0.2", "--threads", "-1", "--out", "OUT"], "num_threads must be"),
+        (["compress", "MODEL", "--ratio", "0.2", "--work-dir", "OUT", "--out", "OUT"], "work_dir must differ"),
+        (["compress", "MODEL", "--ratio", "0.2", "--work-dir", "MODEL", "--out", "OUT"], "not a rocketkit work folder"),
         (["info", "/nonexistent/ckpt"], "file not found"),
     ],
 )

@@ -159,6 +159,15 @@ def test_sigint_leaves_output_untouched_then_changed_config_is_refused(reference
     assert "allocation.ratio: 0.3 -> 0.4" in err and "grid.kss" in err and "--restart" in err
     assert not out.exists()
 
+    # A damaged file in the work folder is a clear error naming it (before any further work).
+    for damaged in (work / "profiles" / "block-00002.safetensors", work / "allocation.json", work / "manifest.json"):
+        good = damaged.read_bytes()
+        damaged.write_bytes(good[: len(good) // 2])
+        assert main(compress_argv(folder, out)) == 2
+        err = capsys.readouterr().err
+        assert str(damaged) in err and "Traceback" not in err, err
+        damaged.write_bytes(good)
+
     assert main(compress_argv(folder, out)) == 0
     capsys.readouterr()
     assert_same_checkpoint(ref, out)

@@ -9,6 +9,9 @@ may replace its modules. Only one block's Grams exist at a time.
 A model from ``models.open_streaming`` keeps its blocks on the meta device: each block is
 materialized just before it runs and released when the consumer asks for the next one, so only
 one block's weights exist at a time too. The capture pass never runs a block (recorders stand in).
+
+``BlockStream`` is the explicit form the pipeline uses: it runs block i when asked, with Grams only
+for the linears asked for (none for a block another rank owns or a resumed run already did).
 """
 
 from __future__ import annotations

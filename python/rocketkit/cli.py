@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compress(args) -> int:
+    import time
+
     import torch
 
     from rocketkit import profile as prof
@@ -91,6 +93,7 @@ def _compress(args) -> int:
     from rocketkit.workdir import default_work_dir
 
     crs, kss = (prof.DEFAULT_CRS, prof.DEFAULT_KS) if args.grid == "full" else (prof.REDUCED_CRS, prof.REDUCED_KS)
+    started = time.time()
     try:
         summary = compress(
             args.model, args.ratio, cost=args.cost, alpha=args.alpha, calib_tokens=args.calib_tokens,
@@ -101,9 +104,14 @@ def _compress(args) -> int:
             work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
         )
     except KeyboardInterrupt:
-        work = args.work_dir or default_work_dir(args.out)
-        print(f"rocketkit compress: interrupted; {args.out} was not written. Rerun the same command to resume "
-              f"from {work}", file=sys.stderr)
+        from pathlib import Path
+
+        work, out = Path(args.work_dir or default_work_dir(args.out)), Path(args.out)
+        if work.exists() or not out.exists() or out.stat().st_mtime < started:
+            print(f"rocketkit compress: interrupted; {args.out} was not written. Rerun the same command to resume "
+                  f"from {work}", file=sys.stderr)
+        else:  # the interrupt came after the final rename
+            print(f"rocketkit compress: interrupted, but {args.out} was already complete", file=sys.stderr)
         return 130
     if summary.get("rank", 0) == 0:
         print("rocketkit compress: done")

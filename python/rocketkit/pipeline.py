@@ -133,10 +133,15 @@ class _CompressRun:
     """The state of one compress call on one rank (see the module docstring)."""
 
     def __init__(self, comm, device, threads: int, **opts):
+        from rocketkit import has_cuda
+
         self.comm, self.device, self.threads = comm, device, threads
         self.o = opts
         self.times: dict[str, float] = {}
         self.progress = bool(opts["progress"]) and comm.is_main
+        # Profiles are scored on the GPU when the Grams live there and the core was built with CUDA;
+        # the choice is part of the fingerprint (the two agree to ~1e-12, not bit for bit).
+        self.errors_backend = "cuda" if device.type == "cuda" and has_cuda() else "cpu"
 
     # ---------------------------------------------------------------- setup
 
@@ -194,6 +199,10 @@ class _CompressRun:
         from rocketkit.workdir import WORK_FORMAT_VERSION
 
         o = self.o
+        numerics = {"dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
+                    "batch_size": o["batch_size"], "threads": self.threads, "errors_backend": self.errors_backend}
+        if self.device.type == "cuda":  # another GPU model may round differently
+            numerics["gpu"] = torch.cuda.get_device_name(self.device)
         return {
             "rocketkit": {"version": rocketkit.__version__, "work_format": WORK_FORMAT_VERSION,
                           "checkpoint_format": CHECKPOINT_FORMAT_VERSION, "profile_format": PROFILE_FORMAT_VERSION,
@@ -204,8 +213,7 @@ class _CompressRun:
             "grid": {"crs": list(o["crs"]), "kss": list(o["kss"])},
             "allocation": {"ratio": o["ratio"], "cost": o["cost"], "alpha": o["alpha"], "method": o["method"],
                            "weighting": o["weighting"], "buckets": o["buckets"]},
-            "numerics": {"dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
-                         "batch_size": o["batch_size"], "threads": self.threads},
+            "numerics": numerics,
         }
 
     def open_work(self) -> None:
@@ -214,8 +222,9 @@ class _CompressRun:
 
         out_dir = Path(self.o["out_dir"])
         root = Path(self.o["work_dir"]) if self.o["work_dir"] is not None else default_work_dir(out_dir)
-        if root.resolve() == out_dir.resolve():
-            raise ValueError(f"work_dir must differ from out_dir ({root})")
+        r, o = root.resolve(), out_dir.resolve()
+        if r == o or o in r.parents or r in o.parents:
+            raise ValueError(f"work_dir must differ from out_dir and neither may contain the other ({root}, {out_dir})")
         self.wd = WorkDir(root, self.n_blocks)
         fp = self.fingerprint()
         if self.comm.is_main:
@@ -225,7 +234,8 @@ class _CompressRun:
             self.attempt = self.wd.check_visible(fp, self.comm.rank)
         self.log = RunLog(self.wd.attempt_log_path(self.attempt, self.comm.rank), model=self.spec_name,
                           attempt=self.attempt, rank=self.comm.rank, world=self.comm.world, device=str(self.device),
-                          threads=self.threads, n_blocks=self.n_blocks, calib_tokens=int(self.calib_ids.numel()))
+                          threads=self.threads, n_blocks=self.n_blocks, calib_tokens=int(self.calib_ids.numel()),
+                          errors_backend=self.errors_backend)
         self.log.data["stages"].append({"name": "load", "seconds": self.open_seconds, "peak_rss_bytes": vm_hwm_bytes(),
                                         "rss_peak_scope": "process"})
         self.log.save()
@@ -283,7 +293,8 @@ class _CompressRun:
         def work(i, cb, e):
             t = time.perf_counter()
             layers = profile_block(cb, self.o["crs"], self.o["kss"], num_threads=self.threads,
-                                   on_layer=lambda name: self.bar.set_postfix_str(name), free_grams=True)
+                                   on_layer=lambda name: self.bar.set_postfix_str(name), free_grams=True,
+                                   backend=self.errors_backend)
             e["profile_s"] = time.perf_counter() - t
             t = time.perf_counter()
             Profile(layers=layers, meta=meta).save(self.wd.profile_stem(i))
@@ -320,9 +331,11 @@ class _CompressRun:
         with self.log.stage("allocate") as st:
             data = None
             if self.comm.is_main:
+                # Read (and validate) every profile even when resuming past the allocation: a damaged
+                # file is reported now, not after the second pass.
+                self.profile = profile = self.merged_profile()
+                st["layers"] = len(profile.layers)
                 if not self.wd.allocation_path.is_file():
-                    profile = self.merged_profile()
-                    st["layers"] = len(profile.layers)
                     allocation = allocate(profile, o["ratio"], cost=o["cost"], alpha=o["alpha"], buckets=o["buckets"],
                                           weighting=o["weighting"], method=o["method"])
                     allocation.save(self.wd.allocation_path)
@@ -434,7 +447,7 @@ class _CompressRun:
         o, wd, ck = self.o, self.wd, self.wd.checkpoint
         with self.log.stage("save") as st:
             records = self.block_records()
-            profile = self.merged_profile()
+            profile = self.profile
             profile.save(ck / "profile")
             self.allocation.save(ck / "allocation.json")
             rec0 = write_shard(ck / wd.shard_name(0), non_block_tensors(self.model, self.prefix))

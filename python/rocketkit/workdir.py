@@ -119,6 +119,10 @@ class WorkDir:
         fresh folder). ``restart`` discards an existing folder first. Takes the lock."""
         from rocketkit.fileio import atomic_write_json, read_json, remove_stale_temporaries
 
+        if self.root.exists() and (not self.root.is_dir() or (any(self.root.iterdir()) and not self.manifest_path.is_file())):
+            # Never resume into, or delete, a folder rocketkit did not create.
+            raise ValueError(f"{self.root}: exists and is not a rocketkit work folder (no manifest.json); "
+                             "choose another --work-dir or remove it yourself")
         if restart and self.root.exists():
             self._take_lock()  # never discard the folder of a run that is still going
             self.release_lock()
