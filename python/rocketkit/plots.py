@@ -76,7 +76,7 @@ def allocation_heatmaps(panels: Sequence[tuple[str, Mapping[str, float]]], title
     n_modules = max(len(g[1]) for g in grids)
     width = max(3.0, 0.32 * n_modules + 0.8) * len(panels) + 1.2
     height = max(2.5, 0.16 * n_blocks + 1.4)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False, sharey=True, layout="constrained")
     image = None
     for ax, (label, _), (blocks, modules, grid) in zip(axes[0], panels, grids, strict=True):
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
@@ -86,7 +86,7 @@ def allocation_heatmaps(panels: Sequence[tuple[str, Mapping[str, float]]], title
         step = max(1, len(blocks) // 16)
         ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=7)
     axes[0][0].set_ylabel("block")
-    fig.suptitle(title, fontsize=10, y=1.0 + 0.35 / height)
+    fig.suptitle(title, fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), label="kept fraction of parameters", shrink=0.9)
     return _png(fig)
 
