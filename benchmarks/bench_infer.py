@@ -1,22 +1,31 @@
-"""Benchmark of the factorized-layer CPU kernel against a dense nn.Linear of the same shape.
+"""Benchmark: FactorizedLinear's forward against a dense nn.Linear of the same shape, side by side.
 
-Llama-3-70B layer shapes (y = x·W, d1 = in, d2 = out): 8192×8192 (q/o), 8192×28672 (gate/up),
-28672×8192 (down), batch 1 and 16, compression ratio cr 0.3 and 0.5 with ks = 2 (the grid
-formula: k = round((1 − cr)·d1·d2 / (d1 + d2/ks)), s = floor(k/ks)), fp32. Factors are random;
-each column's indices are sorted, as rocketkit.factorize stores them. Columns:
-  dense     torch nn.Linear (no bias) forward, no_grad
-  native    rocketkit._native.factorized_matmul (BLAS x·U, then the column-sparse gather)
-  torchcsr  FactorizedLinear's own forward (x·U, then torch CSR matmul), with --csr
+Llama-3-70B layer shapes (y = x·W, d1 = in, d2 = out): 8192×8192 (q/o), 8192×1024 (k/v),
+8192×28672 (gate/up), 28672×8192 (down); batch 1 and 16; compression ratio cr 0.3 and 0.5.
+ks = 2.0 for every layer (the middle of the default grid 1.0..3.0; the allocator picks ks per
+layer, and this fixes one), so by the grid formula k = round((1 − cr)·d1·d2 / (d1 + d2/ks)) and
+s = floor(k/ks): parameters are (1 − cr) of dense, index bytes come on top (int16 here, k < 32768).
+Factors are random; each column's indices are ascending, as rocketkit.factorize stores them.
 
-    python benchmarks/bench_infer.py                 # all shapes
-    python benchmarks/bench_infer.py --quick         # 8192×8192 only
-    python benchmarks/bench_infer.py --refcheck      # compare native with an fp64 reference on 64 columns
-    python benchmarks/bench_infer.py --threads 1     # single-threaded, both sides
+Columns (times in ms, the median over --reps interleaved repetitions after a warm-up; the CPU
+columns are process CPU time per call, which a busy machine inflates less than wall time):
+  dense        torch nn.Linear (no bias), no_grad: what the factorized layer replaces
+  fact         FactorizedLinear forward, no_grad (CPU: native kernel, indices validated once)
+  checked      rocketkit._native.factorized_matmul, the public call (indices checked on every call)
+  ratio        dense / fact (> 1: factorized faster); target: > 1 whenever params% < 60
+  csr          with --csr: the torch CSR product FactorizedLinear used before the native kernel
+
+    python benchmarks/bench_infer.py                  # all shapes, CPU (and CUDA when available)
+    python benchmarks/bench_infer.py --quick          # 8192×8192 only
+    python benchmarks/bench_infer.py --refcheck       # compare with an fp64 reference on 64 columns
+    python benchmarks/bench_infer.py --threads 1      # single-threaded, both sides
+    python benchmarks/bench_infer.py --device cuda    # GPU only (CUDA events)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import platform
@@ -27,11 +36,13 @@ import numpy as np
 import torch
 
 from rocketkit._native import factorized_matmul
+from rocketkit.modules import FactorizedLinear
 
-SHAPES = [(8192, 8192), (8192, 28672), (28672, 8192)]
+SHAPES = [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)]
 BATCHES = [1, 16]
 CRS = [0.3, 0.5]
 KS = 2.0
+TARGET_PARAMS = 0.60
 
 
 def cpu_model() -> str:
@@ -59,88 +70,140 @@ def grid_ks(d1: int, d2: int, cr: float, ks: float) -> tuple[int, int]:
     return k, max(1, int(np.floor(k / ks)))
 
 
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def make_factors(rng, d1, d2, k, s):
-    U = rng.standard_normal((d1, k), dtype=np.float32) / np.float32(np.sqrt(d1))
-    values = rng.standard_normal((s, d2), dtype=np.float32)
+    U = torch.from_numpy(rng.standard_normal((d1, k), dtype=np.float32)).div_(float(np.sqrt(d1)))
+    values = torch.from_numpy(rng.standard_normal((s, d2), dtype=np.float32))
     idx_dtype = np.int16 if k <= 32767 else np.int32
-    # Sorted per column (factorize's layout); drawn with replacement to keep set-up fast.
-    indices = np.sort(rng.integers(0, k, size=(d2, s), dtype=idx_dtype), axis=1).T.copy()
+    # Ascending per column (factorize's layout); drawn with replacement to keep set-up fast.
+    indices = torch.from_numpy(np.sort(rng.integers(0, k, size=(d2, s), dtype=idx_dtype), axis=1).T.copy())
     return U, values, indices
+
+
+def time_cpu(fns: dict, reps: int) -> dict:
+    """Median wall and CPU ms per call of each fn, repetitions interleaved so that load spikes hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: (1e3 * float(np.median(wall[k])), 1e3 * float(np.median(cpu[k]))) for k in fns}
+
+
+def time_cuda(fns: dict, reps: int) -> dict:
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        out[name] = (float(np.median(times)), float("nan"))
+    return out
+
+
+def refcheck(layer: FactorizedLinear, x: torch.Tensor, y: torch.Tensor, rng) -> float:
+    cols = np.sort(rng.choice(layer.out_features, 64, replace=False))
+    idx = layer.C_indices[:, cols].long().cpu()
+    C = torch.zeros(layer.k, cols.size, dtype=torch.float64).scatter_add_(0, idx, layer.C_values[:, cols].detach().double().cpu())
+    ref = x.double().cpu() @ layer.U.detach().double().cpu() @ C
+    return float((y[:, cols].double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only 8192×8192")
-    ap.add_argument("--refcheck", action="store_true", help="check native against an fp64 reference")
-    ap.add_argument("--csr", action="store_true", help="also time FactorizedLinear's torch CSR forward")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads for both torch and the native kernel (0: their defaults)")
+    ap.add_argument("--refcheck", action="store_true", help="check the factorized output against an fp64 reference")
+    ap.add_argument("--csr", action="store_true", help="also time the torch CSR product (the previous forward)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="threads for torch and the native kernel (0: torch's default)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: the CPU, then CUDA when a GPU is visible")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    devices = ["cpu"] if args.device in ("auto", "cpu") else []
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no GPU visible")
+        devices.append("cuda")
 
-    load = os.getloadavg()[0]
-    print(f"device: CPU {cpu_model()}, {os.cpu_count()} cores, load average {load:.1f}; torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads; native kernel with {args.threads or os.cpu_count()} threads")
-    print("fp32; times are medians of", args.reps, "runs after one warm-up; ratio = dense / native (>1: native faster)")
-    hdr = f"{'d1×d2':>12} {'n':>3} {'cr':>4} {'k':>5} {'s':>5} {'params%':>7} {'bytes%':>6} " \
-          f"{'dense ms':>9} {'native ms':>9} {'ratio':>6}"
+    load = os.getloadavg()
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
+          f"torch {torch.__version__}, {threads} threads for both sides")
+    if "cuda" in devices:
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    print(f"fp32; ks = {KS} for every layer; ms = median of {args.reps} interleaved runs after a warm-up; "
+          f"cpu = process CPU ms per call; ratio = dense / fact")
+    hdr = (f"{'dev':>4} {'d1×d2':>12} {'n':>3} {'cr':>4} {'k':>5} {'s':>5} {'params%':>7} {'bytes%':>6} "
+           f"{'dense ms':>9} {'cpu':>7} {'fact ms':>8} {'cpu':>7} {'checked':>8} {'ratio':>6} {'target':>6}")
     if args.csr:
-        hdr += f" {'torchcsr ms':>11}"
+        hdr += f" {'csr ms':>8}"
     print(hdr + f" {'peak RSS GB':>11}")
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
+    missed = []
     for d1, d2 in SHAPES[:1] if args.quick else SHAPES:
-        dense = torch.nn.Linear(d1, d2, bias=False)
+        dense_cpu = torch.nn.Linear(d1, d2, bias=False).requires_grad_(False)
         for cr in CRS:
             k, s = grid_ks(d1, d2, cr, KS)
             U, values, indices = make_factors(rng, d1, d2, k, s)
-            params = d1 * k + s * d2
-            nbytes = U.nbytes + values.nbytes + indices.nbytes
-            csr_layer = None
-            if args.csr:
-                from rocketkit.modules import FactorizedLinear
-
-                csr_layer = FactorizedLinear.from_factors(U, values, indices, bias=None)
-            for n in BATCHES:
-                x = rng.standard_normal((n, d1), dtype=np.float32)
-                xt = torch.from_numpy(x)
-                with torch.no_grad():
-                    t_dense = timed(lambda: dense(xt), args.reps)
-                t_native = timed(lambda: factorized_matmul(x, U, values, indices, num_threads=args.threads), args.reps)
-                row = (f"{d1:>5}×{d2:<6} {n:>3} {cr:>4} {k:>5} {s:>5} {100 * params / (d1 * d2):>6.1f}% "
-                       f"{100 * nbytes / (4 * d1 * d2):>5.1f}% {1e3 * t_dense:>9.2f} {1e3 * t_native:>9.2f} "
-                       f"{t_dense / t_native:>6.2f}")
-                if csr_layer is not None:
+            layer_cpu = FactorizedLinear.from_factors(U, values, indices, bias=None).requires_grad_(False)
+            del U, values, indices
+            params = layer_cpu.weight_params
+            nbytes = sum(t.numel() * t.element_size() for t in (layer_cpu.U, layer_cpu.C_values, layer_cpu.C_indices))
+            for device in devices:
+                # Module.to moves in place: the GPU gets copies.
+                dense = dense_cpu if device == "cpu" else copy.deepcopy(dense_cpu).to(device)
+                layer = layer_cpu if device == "cpu" else copy.deepcopy(layer_cpu).to(device)
+                for n in BATCHES:
+                    x = torch.from_numpy(rng.standard_normal((n, d1), dtype=np.float32)).to(device)
+                    fns = {"dense": lambda: dense(x), "fact": lambda: layer(x)}
+                    if device == "cpu":
+                        fns["checked"] = lambda: factorized_matmul(x, layer.U, layer.C_values, layer.C_indices,
+                                                                   num_threads=threads)
+                    if args.csr:
+                        fns["csr"] = lambda: layer._csr_t() @ (x @ layer.U).T
                     with torch.no_grad():
-                        row += f" {1e3 * timed(lambda: csr_layer(xt), args.reps):>11.2f}"
-                print(row + f" {peak_rss_gb():>11.2f}", flush=True)
-                if args.refcheck:
-                    cols = np.sort(rng.choice(d2, 64, replace=False))
-                    y = factorized_matmul(x, U, values, indices)[:, cols]
-                    C = np.zeros((k, cols.size))
-                    np.add.at(C, (indices[:, cols].astype(np.int64), np.broadcast_to(np.arange(cols.size), (s, cols.size))),
-                              values[:, cols].astype(np.float64))
-                    ref = x.astype(np.float64) @ U.astype(np.float64) @ C
-                    err = np.abs(y - ref).max() / max(1e-30, np.abs(ref).max())
-                    status = "ok" if err < 1e-4 else "MISMATCH"
-                    print(f"    refcheck: max rel error {err:.2e} on 64 columns: {status}")
-            del U, values, indices, csr_layer
+                        t = time_cpu(fns, args.reps) if device == "cpu" else time_cuda(fns, args.reps)
+                    ratio = t["dense"][0] / t["fact"][0]
+                    below = params / (d1 * d2) < TARGET_PARAMS
+                    target = ("met" if ratio > 1 else "MISSED") if below else "-"
+                    if target == "MISSED":
+                        missed.append((device, d1, d2, n, cr))
+                    checked = f"{t['checked'][0]:>8.2f}" if "checked" in t else f"{'-':>8}"
+                    row = (f"{device:>4} {d1:>5}×{d2:<6} {n:>3} {cr:>4} {k:>5} {s:>5} {100 * params / (d1 * d2):>6.1f}% "
+                           f"{100 * nbytes / (4 * d1 * d2):>5.1f}% {t['dense'][0]:>9.2f} {t['dense'][1]:>7.1f} "
+                           f"{t['fact'][0]:>8.2f} {t['fact'][1]:>7.1f} {checked} {ratio:>6.2f} {target:>6}")
+                    if args.csr:
+                        row += f" {t['csr'][0]:>8.2f}"
+                    print(row + f" {peak_rss_gb():>11.2f}", flush=True)
+                    if args.refcheck:
+                        with torch.no_grad():
+                            err = refcheck(layer, x, layer(x), rng)
+                        print(f"    refcheck: max rel error {err:.2e} on 64 columns: {'ok' if err < 1e-4 else 'MISMATCH'}")
+                if device != "cpu":
+                    del dense, layer
+                    torch.cuda.empty_cache()
+            del layer_cpu
             gc.collect()
-        del dense
+        del dense_cpu
         gc.collect()
     print(f"current RSS {current_rss_gb():.2f} GB, peak RSS {peak_rss_gb():.2f} GB")
+    if missed:
+        print("target missed (params < 60% of dense but not faster):", missed)
+    else:
+        print("target met: factorized faster than dense wherever its parameters are below 60% of dense")
 
 
 if __name__ == "__main__":

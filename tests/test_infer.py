@@ -58,14 +58,53 @@ def test_matches_fp64_reference(n, d1, k, s, d2):
         np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("n", [1, 33, 70])
+@pytest.mark.parametrize("n", [1, 2, 9, 33, 70])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
-def test_threads_blocks_and_repeated_rows(n, num_threads):
-    # d2 and s large enough to split into several column blocks and row chunks across threads.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threads_blocks_and_repeated_rows(n, num_threads, dtype):
+    # s·d2 large enough for three threads on the sparse step (the kernel keeps small layers on
+    # one thread), several column blocks, row chunks of every width, d2 not a multiple of 16.
     rng = np.random.default_rng(7 + n + num_threads)
-    x, U, v, idx, b = random_layer(rng, n, 37, 19, 11, 5003, np.float64, np.int32, True, distinct=False)
+    x, U, v, idx, b = random_layer(rng, n, 37, 29, 29, 30011, dtype, np.int16, True, distinct=False)
     y = factorized_matmul(x, U, v, idx, b, num_threads=num_threads)
-    np.testing.assert_allclose(y, reference(x, U, v, idx, b), rtol=1e-12, atol=1e-11)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    ref = reference(x, U, v, idx, b)
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])
+@pytest.mark.parametrize("index_dtype", [np.int16, np.int32])
+def test_bad_index_anywhere_is_caught(n, index_dtype):
+    """An index outside [0, k) in a vector lane, in the scalar tail, in the last row t, on any thread."""
+    from rocketkit import _C
+
+    rng = np.random.default_rng(21)
+    for dtype in (np.float32, np.float64):
+        d2 = 131075  # enough nonzeros for several threads; not a multiple of the vector width
+        x, U, v, idx, _ = random_layer(rng, n, 19, 7, 5, d2, dtype, index_dtype, distinct=False)
+        for t_pos, j_pos in [(0, 0), (2, 17), (4, d2 - 1), (4, d2 - 3), (1, d2 // 2 + 5)]:
+            for bad_value in (7, -1, np.iinfo(index_dtype).max, np.iinfo(index_dtype).min):
+                bad = idx.copy()
+                bad[t_pos, j_pos] = bad_value
+                for threads in (1, 3):
+                    with pytest.raises(ValueError, match=r"outside \[0, k = 7\)"):
+                        _C.factorized_matmul(x, U, v, bad, None, threads, True)
+        # Unchecked (for pre-validated indices) gives the checked result bit for bit.
+        np.testing.assert_array_equal(_C.factorized_matmul(x, U, v, idx, None, 2, False),
+                                      _C.factorized_matmul(x, U, v, idx, None, 2, True))
+
+
+def test_prevalidated_entry_matches_public():
+    from rocketkit._native import _factorized_matmul_prevalidated
+
+    rng = np.random.default_rng(22)
+    x, U, v, idx, b = random_layer(rng, 6, 33, 9, 4, 70, np.float32, np.int16, True)
+    xt, Ut, vt, it, bt = (torch.from_numpy(a) for a in (x, U, v, idx, b))
+    y = _factorized_matmul_prevalidated(xt, Ut.double().T.contiguous().T, vt, it, bt, 0)  # converted, made contiguous
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    np.testing.assert_array_equal(y.numpy(), factorized_matmul(x, U, v, idx, b))
+    with pytest.raises(ValueError, match=r"\[factorized_matmul\] U has 32 rows, x has 33 columns"):
+        _factorized_matmul_prevalidated(xt, Ut[:32], vt, it, bt, 0)  # shapes are still checked by the core
 
 
 def test_torch_inputs_and_leading_dims():
@@ -148,6 +187,15 @@ def _checkpoint_api():
     return Allocation, LayerDecision, save_compressed, FactorizedLinear, index_dtype_for
 
 
+def _cpu_has(*flags) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = set(text.split())
+    return all(f in words for f in flags)
+
+
 @pytest.fixture(scope="module")
 def layer_check_exe(tmp_path_factory):
     """Builds examples/cpp with plain CMake (no Python extension, no CUDA) into a temp folder."""
@@ -155,9 +203,12 @@ def layer_check_exe(tmp_path_factory):
         pytest.skip("cmake is not installed")
     build = tmp_path_factory.mktemp("infer_build")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    # Not -march=native: the Python extension covers the build machine's widest vectors (AVX-512
+    # here); this build takes the AVX2 kernels where the CPU has them, else the portable ones.
+    flags = "-mavx2 -mfma -mf16c" if _cpu_has("avx2", "fma") else ""
     cfg = ["cmake", "-S", str(REPO), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
            "-DROCKETKIT_BUILD_PYTHON=OFF", "-DROCKETKIT_BUILD_EXAMPLES=ON", "-DROCKETKIT_ENABLE_CUDA=OFF",
-           f"-DPython_EXECUTABLE={sys.executable}"]
+           "-DROCKETKIT_NATIVE_ARCH=OFF", f"-DCMAKE_CXX_FLAGS={flags}", f"-DPython_EXECUTABLE={sys.executable}"]
     for cmd in (cfg, ["cmake", "--build", str(build), "--target", "rocketkit_layer_check", "-j", "2"]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
@@ -223,10 +274,11 @@ def test_cpp_layer_check_on_saved_checkpoint(tmp_path, dtype, layer_check_exe):
     ckpt = tmp_path / "ckpt"
     model, names = _compressed_checkpoint(ckpt, dtype)
     for name in names:
-        inp, exp = _write_case(model, name, tmp_path)
-        r = _run(layer_check_exe, ckpt, name, inp, exp)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "PASS" in r.stdout and "max abs error" in r.stdout
+        for n in (1, 5, 19):  # the gather kernel (n = 1) and both row-chunk widths
+            inp, exp = _write_case(model, name, tmp_path, n=n)
+            r = _run(layer_check_exe, ckpt, name, inp, exp)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "PASS" in r.stdout and "max abs error" in r.stdout and f"n={n} " in r.stdout
     # A wrong expectation fails with exit 1.
     inp, exp = _write_case(model, names[0], tmp_path)
     y = np.fromfile(exp, dtype="<f4")

@@ -14,7 +14,7 @@ namespace {
 
 template <typename T, typename I>
 py::array_t<T> run(const py::array& x, const py::array& U, const py::array& values,
-                   const py::array& indices, const py::object& bias, int num_threads) {
+                   const py::array& indices, const py::object& bias, int num_threads, bool check_indices) {
   const char* fn = "factorized_matmul";
   ROCKETKIT_CHECK(x.ndim() == 2 && U.ndim() == 2 && values.ndim() == 2 && indices.ndim() == 2, fn,
                   "x, U, values and indices must be 2-D");
@@ -39,7 +39,7 @@ py::array_t<T> run(const py::array& x, const py::array& U, const py::array& valu
   {
     py::gil_scoped_release nogil;
     rocketkit::factorized_matmul(xa.data(), n, d1, Ua.data(), k, va.data(), ia.data(), s, d2, b, yp,
-                                 num_threads);
+                                 num_threads, check_indices);
   }
   return y;
 }
@@ -50,18 +50,21 @@ void bind_infer(py::module_& m) {
   m.def(
       "factorized_matmul",
       [](const py::array& x, const py::array& U, const py::array& values, const py::array& indices,
-         const py::object& bias, int num_threads) -> py::array {
+         const py::object& bias, int num_threads, bool check_indices) -> py::array {
         const bool f32 = x.dtype().is(py::dtype::of<float>());
         const bool i16 = indices.dtype().is(py::dtype::of<int16_t>());
         ROCKETKIT_CHECK(f32 || x.dtype().is(py::dtype::of<double>()), "factorized_matmul",
                         "x must be float32 or float64");
         ROCKETKIT_CHECK(i16 || indices.dtype().is(py::dtype::of<int32_t>()), "factorized_matmul",
                         "indices must be int16 or int32");
-        if (f32) return i16 ? run<float, int16_t>(x, U, values, indices, bias, num_threads)
-                            : run<float, int32_t>(x, U, values, indices, bias, num_threads);
-        return i16 ? run<double, int16_t>(x, U, values, indices, bias, num_threads)
-                   : run<double, int32_t>(x, U, values, indices, bias, num_threads);
+        if (f32) return i16 ? run<float, int16_t>(x, U, values, indices, bias, num_threads, check_indices)
+                            : run<float, int32_t>(x, U, values, indices, bias, num_threads, check_indices);
+        return i16 ? run<double, int16_t>(x, U, values, indices, bias, num_threads, check_indices)
+                   : run<double, int32_t>(x, U, values, indices, bias, num_threads, check_indices);
       },
       py::arg("x"), py::arg("U"), py::arg("values"), py::arg("indices"), py::arg("bias"),
-      py::arg("num_threads") = 0);
+      py::arg("num_threads") = 0,
+      // false only for callers that validated the indices once (FactorizedLinear); an index
+      // outside [0, k) is then undefined behaviour.
+      py::arg("check_indices") = true);
 }

@@ -1,30 +1,63 @@
-// CPU kernel for factorized layers: z = x·U by BLAS (column slices of U over our threads,
-// single-threaded BLAS each), then the column-sparse product z·C.
+// CPU kernel for factorized layers, y = x·U·C + b.
 //
-// The sparse step gathers rows of zᵀ: for a block of jb output columns and a chunk of at most
-// kRowChunk input rows, zᵀ of that chunk (k×NB) is contiguous per row of C, so each nonzero
-// of C is one contiguous vector axpy of length NB into an accumulator that stays in L1.
-// values and indices (s×d2) are read once per row chunk, row t after row t, jb entries each.
+// Step 1, z = x·U (n×k): BLAS, column slices of U over our threads, single-threaded BLAS each.
+// Step 2, the column-sparse product y[:, j] = b[j] + Σ_t values[t, j]·z[:, indices[t, j]].
+//   values and indices are s×d2 row-major, so a row t is contiguous across output columns.
+//   n = 1: vectorized across output columns, gathering from z (k entries, in L1).
+//   n > 1: z transposed into chunks of NB inputs (k×NB each, in L2), so one nonzero is one
+//          contiguous axpy of NB lanes, vectorized across inputs.
+//   Both keep each column's accumulator in registers over a tile of kRowTile consecutive t and
+//   give each task a block of columns, so values/indices stream from memory once per chunk.
+// Index checks are fused into the loads (one unsigned compare per vector of indices); callers
+// that validated the indices once may skip them.
 #include "rocketkit/infer.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cblas.h>
+#include <cstdlib>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "rocketkit/check.h"
 
 namespace rocketkit {
 namespace {
 
-constexpr int64_t kRowChunk = 16;
-constexpr int64_t kAccBytes = 16 * 1024;  // accumulator budget per task (L1)
-constexpr int64_t kMinWorkPerThread = 1 << 16;
+// Tile sizes; the -D overrides exist for tuning runs only.
+#ifndef ROCKETKIT_INFER_ROW_TILE
+#define ROCKETKIT_INFER_ROW_TILE 8
+#endif
+#ifndef ROCKETKIT_INFER_GATHER_ROW_TILE
+#define ROCKETKIT_INFER_GATHER_ROW_TILE 4
+#endif
+#ifndef ROCKETKIT_INFER_GATHER_COLS
+#define ROCKETKIT_INFER_GATHER_COLS 1024
+#endif
+// n > 1: t per register-held accumulator pass.
+constexpr int64_t kRowTile = ROCKETKIT_INFER_ROW_TILE;
+// n = 1: t per pass. Each pass streams this many rows of values and indices at once, few
+// enough for the hardware prefetcher to follow every stream.
+constexpr int64_t kGatherRowTile = ROCKETKIT_INFER_GATHER_ROW_TILE;
+// n = 1: least columns per task. A task is a contiguous column range (long sequential reads
+// per row), four per thread so that a thread slowed by a busy machine is helped out.
+constexpr int64_t kGatherCols = ROCKETKIT_INFER_GATHER_COLS;
+constexpr int64_t kAccBytes = 16 * 1024;        // n > 1: accumulator block per task (L1)
+// Vector operations (one per nonzero and vector of inputs) per extra thread of the sparse
+// step, and multiply-adds per extra thread of x·U: a thread is started per call, which costs
+// tens of microseconds (far more on a busy machine), so small layers stay single-threaded.
+constexpr int64_t kMinSparseWorkPerThread = 1 << 18;
+constexpr int64_t kMinGemmWorkPerThread = 1 << 21;
 
 // z[:, c0:c1) = x·U[:, c0:c1); z and U have row stride k.
 void gemm_xu(const float* x, int64_t n, int64_t d1, const float* U, int64_t k, int64_t c0, int64_t c1,
@@ -77,7 +110,7 @@ void run_parallel(int threads, F&& fn) {
 template <typename T>
 void parallel_xu(const T* x, int64_t n, int64_t d1, const T* U, int64_t k, T* z, int threads) {
   threads = int(std::min<int64_t>({int64_t(threads), k / 64 + 1,
-                                   std::max<int64_t>(1, n * d1 * k / (1 << 20))}));
+                                   std::max<int64_t>(1, n * d1 * k / kMinGemmWorkPerThread)}));
   // Column slices in multiples of 16 so each starts on a cache-line boundary of U's rows.
   const int64_t per = ((k + threads - 1) / threads + 15) / 16 * 16;
   // OpenBLAS's setting is process-wide (as in whitened_errors): concurrent callers take turns
@@ -95,56 +128,137 @@ void parallel_xu(const T* x, int64_t n, int64_t d1, const T* U, int64_t k, T* z,
   });
 }
 
-// 32-byte vectors (AVX; two SSE registers without it), element-aligned so any float row works.
-template <typename T> struct Vec32;
-template <> struct Vec32<float> { typedef float type __attribute__((vector_size(32), aligned(4))); };
-template <> struct Vec32<double> { typedef double type __attribute__((vector_size(32), aligned(8))); };
+// A buffer aligned to 64 bytes (one cache line, one AVX-512 vector).
+template <typename T>
+struct AlignedBuffer {
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Free> p;
+  explicit AlignedBuffer(size_t n)
+      : p(static_cast<T*>(::operator new[](std::max<size_t>(1, n) * sizeof(T), std::align_val_t(64)))) {}
+  T* get() const { return p.get(); }
+};
 
-// True when every index in r[0, m) lies in [0, k). Branch-free, so it vectorizes.
-template <typename I>
-bool indices_in_range(const I* r, int64_t m, int64_t k) {
-  int64_t lo = 0, hi = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    lo = std::min<int64_t>(lo, r[i]);
-    hi = std::max<int64_t>(hi, r[i]);
+// ---- n = 1 ---------------------------------------------------------------------------------
+
+// y[j0, j1) = bias + Σ_t values[t, j]·z[indices[t, j]]. Returns false on an index outside [0, k)
+// (only when kCheck). Columns advance by one vector inside a tile of kGatherRowTile rows t, so the
+// accumulator stays in a register across the tile while z is gathered from L1.
+template <bool kCheck, typename T, typename I>
+bool gather_block(const T* __restrict z, int64_t k, const T* __restrict values, const I* __restrict indices,
+                  int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, T* __restrict y) {
+  for (int64_t j = j0; j < j1; ++j) y[j] = bias ? bias[j] : T(0);
+  for (int64_t t0 = 0; t0 < s; t0 += kGatherRowTile) {
+    const int64_t t1 = std::min(s, t0 + kGatherRowTile);
+    int64_t j = j0;
+#if defined(__AVX512F__) && !defined(ROCKETKIT_INFER_NO_GATHER)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512i kv = _mm512_set1_epi32(int(k));
+      __mmask16 bad = 0;
+      for (; j + 16 <= j1; j += 16) {
+        __m512 acc = _mm512_loadu_ps(y + j);
+        for (int64_t t = t0; t < t1; ++t) {
+          __m512i r;
+          if constexpr (sizeof(I) == 2)
+            r = _mm512_maskz_cvtepi16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(indices + t * d2 + j)));
+          else
+            r = _mm512_loadu_si512(indices + t * d2 + j);
+          // Negative indices are huge as unsigned, so one compare covers both ends.
+          if constexpr (kCheck) bad |= _mm512_cmpge_epu32_mask(r, kv);
+          // Masked forms with a zero source: the unmasked intrinsics start from an undefined
+          // register, which GCC 12 reports as possibly uninitialized.
+          const __mmask16 lanes = kCheck ? _mm512_cmplt_epu32_mask(r, kv) : __mmask16(0xFFFF);
+          const __m512 zr = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, r, z, 4);
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + t * d2 + j), zr, acc);
+        }
+        _mm512_storeu_ps(y + j, acc);
+      }
+      if (bad) return false;
+    }
+#elif defined(__AVX2__) && !defined(ROCKETKIT_INFER_NO_GATHER)
+    if constexpr (std::is_same_v<T, float>) {
+      const __m256i kmax = _mm256_set1_epi32(int(k - 1));
+      __m256i ok = _mm256_set1_epi32(-1);
+      for (; j + 8 <= j1; j += 8) {
+        __m256 acc = _mm256_loadu_ps(y + j);
+        for (int64_t t = t0; t < t1; ++t) {
+          __m256i r;
+          if constexpr (sizeof(I) == 2)
+            r = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(indices + t * d2 + j)));
+          else
+            r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(indices + t * d2 + j));
+          __m256 zr;
+          if constexpr (kCheck) {
+            // In range iff max_u32(r, k−1) == k−1 (negative indices are huge as unsigned).
+            const __m256i in = _mm256_cmpeq_epi32(_mm256_max_epu32(r, kmax), kmax);
+            ok = _mm256_and_si256(ok, in);
+            zr = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), z, r, _mm256_castsi256_ps(in), 4);
+          } else {
+            zr = _mm256_i32gather_ps(z, r, 4);
+          }
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + t * d2 + j), zr, acc);
+        }
+        _mm256_storeu_ps(y + j, acc);
+      }
+      if (kCheck && _mm256_movemask_epi8(ok) != -1) return false;
+    }
+#endif
+    for (; j < j1; ++j) {
+      T acc = y[j];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = indices[t * d2 + j];
+        if (kCheck && uint64_t(r) >= uint64_t(k)) return false;
+        acc += values[t * d2 + j] * z[r];
+      }
+      y[j] = acc;
+    }
   }
-  return lo >= 0 && hi < k;
+  return true;
 }
 
-// One task: output columns [j0, j1) for the row chunk whose zᵀ (k×NB, rows padded with
-// zeros up to NB) starts at zt; writes rows [i0, i0 + nb) of y. NB is a compile-time width
-// so the per-nonzero axpy is a fixed number of vector FMAs. Returns false on a bad index.
-template <int NB, typename T, typename I>
-bool sparse_block(const T* __restrict zt, int64_t nb, int64_t k, const T* values, const I* indices,
-                  int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, int64_t i0,
-                  T* __restrict acc, T* y) {
+// ---- n > 1 ---------------------------------------------------------------------------------
+
+template <typename T, int Bytes> struct Vec;
+template <> struct Vec<float, 32> { typedef float type __attribute__((vector_size(32), aligned(32))); };
+template <> struct Vec<float, 64> { typedef float type __attribute__((vector_size(64), aligned(64))); };
+template <> struct Vec<double, 32> { typedef double type __attribute__((vector_size(32), aligned(32))); };
+template <> struct Vec<double, 64> { typedef double type __attribute__((vector_size(64), aligned(64))); };
+
+// One task: output columns [j0, j1) for the chunk of inputs whose zᵀ (k×NB, NB = NV vectors of
+// VB bytes, lanes past nb zero) starts at zt; writes rows [i0, i0 + nb) of y through acc
+// (jb×NB, aligned). Returns false on a bad index (only when kCheck).
+template <bool kCheck, int VB, int NV, typename T, typename I>
+bool rows_block(const T* __restrict zt, int64_t k, const T* __restrict values, const I* __restrict indices,
+                int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, int64_t i0, int64_t nb,
+                T* __restrict acc, T* __restrict y) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int NB = NV * VB / int(sizeof(T));
   const int64_t jb = j1 - j0;
+  V* av = reinterpret_cast<V*>(acc);
+  const V* zv = reinterpret_cast<const V*>(zt);
   for (int64_t jj = 0; jj < jb; ++jj) {
     const T b = bias ? bias[j0 + jj] : T(0);
-    for (int i = 0; i < NB; ++i) acc[jj * NB + i] = b;
+    for (int i = 0; i < NV; ++i) av[jj * NV + i] = V{} + b;
   }
-  for (int64_t t = 0; t < s; ++t) {
-    const T* __restrict v = values + t * d2 + j0;
-    const I* __restrict r = indices + t * d2 + j0;
-    if (!indices_in_range(r, jb, k)) return false;
-    if constexpr (NB == 1) {
-      for (int64_t jj = 0; jj < jb; ++jj) acc[jj] += v[jj] * zt[r[jj]];
-    } else if constexpr (NB * sizeof(T) < 32) {  // not used (NB is at least one vector)
-      for (int64_t jj = 0; jj < jb; ++jj)
-        for (int i = 0; i < NB; ++i) acc[jj * NB + i] += v[jj] * zt[int64_t(r[jj]) * NB + i];
-    } else {
-      // Whole-row vector ops: GCC/Clang vector extensions; plain loops here get vectorized
-      // across jj with gathers, several times slower.
-      using V = typename Vec32<T>::type;
-      constexpr int NV = NB * int(sizeof(T)) / 32;
-      const V* zv = reinterpret_cast<const V*>(zt);
-      V* av = reinterpret_cast<V*>(acc);
-      for (int64_t jj = 0; jj < jb; ++jj) {
-        const T vj = v[jj];
-        const V* zr = zv + int64_t(r[jj]) * NV;
-        V* a = av + jj * NV;
-        for (int i = 0; i < NV; ++i) a[i] += vj * zr[i];
+  for (int64_t t0 = 0; t0 < s; t0 += kRowTile) {
+    const int64_t t1 = std::min(s, t0 + kRowTile);
+    for (int64_t jj = 0; jj < jb; ++jj) {
+      V a[NV];
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) a[i] = av[jj * NV + i];
+      const T* v = values + j0 + jj;
+      const I* r = indices + j0 + jj;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = r[t * d2];
+        if (kCheck && uint64_t(row) >= uint64_t(k)) return false;
+        const T vt = v[t * d2];
+        const V* zr = zv + row * NV;
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) a[i] += vt * zr[i];
       }
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) av[jj * NV + i] = a[i];
     }
   }
   for (int64_t i = 0; i < nb; ++i) {
@@ -154,10 +268,92 @@ bool sparse_block(const T* __restrict zt, int64_t nb, int64_t k, const T* values
   return true;
 }
 
+// Vector shapes for the n > 1 kernel: NB inputs per chunk as NV vectors of VB bytes.
+struct RowShape {
+  int vb, nv, nb;
+};
+
+template <typename T>
+RowShape row_shape(int64_t n) {
+  constexpr int L32 = 32 / int(sizeof(T)), L64 = 64 / int(sizeof(T));
+  const RowShape shapes[] = {{32, 1, L32}, {64, 1, L64}, {64, 2, 2 * L64}, {64, 4, 4 * L64}};
+  // Work per nonzero ≈ chunks·(vectors + 2 scalar loads); the smallest wins, padding included.
+  RowShape best = shapes[0];
+  int64_t best_cost = std::numeric_limits<int64_t>::max();
+  for (const RowShape& sh : shapes) {
+    const int64_t cost = (n + sh.nb - 1) / sh.nb * (sh.nv * (sh.vb / 32) + 2);
+    if (cost < best_cost) best = sh, best_cost = cost;
+  }
+  return best;
+}
+
+template <bool kCheck, typename T, typename I>
+bool rows_block_dispatch(const RowShape& sh, const T* zt, int64_t k, const T* values, const I* indices,
+                         int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, int64_t i0,
+                         int64_t nb, T* acc, T* y) {
+  if (sh.vb == 32) return rows_block<kCheck, 32, 1>(zt, k, values, indices, s, d2, bias, j0, j1, i0, nb, acc, y);
+  switch (sh.nv) {
+    case 1: return rows_block<kCheck, 64, 1>(zt, k, values, indices, s, d2, bias, j0, j1, i0, nb, acc, y);
+    case 2: return rows_block<kCheck, 64, 2>(zt, k, values, indices, s, d2, bias, j0, j1, i0, nb, acc, y);
+    default: return rows_block<kCheck, 64, 4>(zt, k, values, indices, s, d2, bias, j0, j1, i0, nb, acc, y);
+  }
+}
+
+template <bool kCheck, typename T, typename I>
+bool sparse_product(const T* z, int64_t n, int64_t k, const T* values, const I* indices, int64_t s,
+                    int64_t d2, const T* bias, T* y, int max_threads) {
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> bad{false};
+  if (n == 1) {
+    const int threads = int(std::min<int64_t>({int64_t(max_threads), (d2 + kGatherCols - 1) / kGatherCols,
+                                               std::max<int64_t>(1, s * d2 / kMinSparseWorkPerThread)}));
+    const int64_t cols = std::max<int64_t>(kGatherCols, (d2 + 64 * threads - 1) / (64 * threads) * 16);
+    const int64_t tasks = (d2 + cols - 1) / cols;
+    run_parallel(threads, [&](int) {
+      for (int64_t task; !bad.load(std::memory_order_relaxed) && (task = next++) < tasks;) {
+        const int64_t j0 = task * cols, j1 = std::min(d2, j0 + cols);
+        if (!gather_block<kCheck>(z, k, values, indices, s, d2, bias, j0, j1, y)) bad = true;
+      }
+    });
+    return !bad;
+  }
+
+  // zᵀ by chunk: chunk c (inputs [c·NB, c·NB + nb)) is a k×NB block at offset c·NB·k, lanes
+  // past nb zero.
+  const RowShape sh = row_shape<T>(n);
+  const int64_t NB = sh.nb, chunks = (n + NB - 1) / NB;
+  AlignedBuffer<T> zt(size_t(chunks * NB * k));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t i0 = c * NB, nb = std::min<int64_t>(NB, n - i0);
+    T* blk = zt.get() + c * NB * k;
+    for (int64_t r = 0; r < k; ++r) {
+      for (int64_t i = 0; i < nb; ++i) blk[r * NB + i] = z[(i0 + i) * k + r];
+      for (int64_t i = nb; i < NB; ++i) blk[r * NB + i] = T(0);
+    }
+  }
+  const int64_t jb = std::max<int64_t>(16, kAccBytes / int64_t(sizeof(T)) / NB);
+  const int64_t col_blocks = (d2 + jb - 1) / jb;
+  const int64_t tasks = chunks * col_blocks;
+  const int64_t work = chunks * sh.nv * s * d2;
+  const int threads = int(std::min<int64_t>({int64_t(max_threads), tasks, std::max<int64_t>(1, work / kMinSparseWorkPerThread)}));
+  run_parallel(threads, [&](int) {
+    AlignedBuffer<T> acc(size_t(jb * NB));
+    for (int64_t task; !bad.load(std::memory_order_relaxed) && (task = next++) < tasks;) {
+      // Consecutive tasks share a column block, so its values/indices are reused from cache.
+      const int64_t c = task % chunks, j0 = (task / chunks) * jb;
+      const int64_t i0 = c * NB, nb = std::min<int64_t>(NB, n - i0), j1 = std::min(d2, j0 + jb);
+      if (!rows_block_dispatch<kCheck>(sh, zt.get() + c * NB * k, k, values, indices, s, d2, bias, j0, j1, i0,
+                                       nb, acc.get(), y))
+        bad = true;
+    }
+  });
+  return !bad;
+}
+
 template <typename T, typename I>
 void factorized_matmul_impl(const T* x, int64_t n, int64_t d1, const T* U, int64_t k,
                             const T* values, const I* indices, int64_t s, int64_t d2, const T* bias,
-                            T* y, int num_threads) {
+                            T* y, int num_threads, bool check_indices) {
   const char* fn = "factorized_matmul";
   constexpr int64_t kBlasMax = std::numeric_limits<int>::max();
   ROCKETKIT_CHECK(n >= 0 && d1 >= 1 && d2 >= 1 && k >= 1, fn,
@@ -169,79 +365,38 @@ void factorized_matmul_impl(const T* x, int64_t n, int64_t d1, const T* U, int64
   ROCKETKIT_CHECK(x && U && values && indices && y, fn, "null buffer");
   if (n == 0) return;
 
-  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  // hardware_concurrency reads sysfs on every call (about 10 µs): ask once.
+  static const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
   const int max_threads = num_threads > 0 ? num_threads : hw;
-  std::vector<T> z(size_t(n) * size_t(k));
-  parallel_xu(x, n, d1, U, k, z.data(), max_threads);
-
-  // zᵀ by row chunk: chunk c (rows [c·R, c·R + nb)) is a k×NB block at offset c·R·k, its
-  // columns past nb zero. NB = 1 for a single row, else the smallest of 4, 8, 16 that is ≥ n
-  // and fills a 32-byte vector.
-  constexpr int kLanes = 32 / int(sizeof(T));
-  const int NB = n == 1 ? 1 : std::max<int>(kLanes, n <= 4 ? 4 : n <= 8 ? 8 : int(kRowChunk));
-  const int64_t chunks = (n + NB - 1) / NB;
-  std::vector<T> zt;
-  const T* ztp = z.data();
-  if (NB > 1) {
-    zt.assign(size_t(chunks * NB * k), T(0));
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t i0 = c * NB, nb = std::min<int64_t>(NB, n - i0);
-      T* blk = zt.data() + c * NB * k;
-      for (int64_t i = 0; i < nb; ++i)
-        for (int64_t r = 0; r < k; ++r) blk[r * NB + i] = z[(i0 + i) * k + r];
-    }
-    ztp = zt.data();
-  }
-
-  const int64_t jb = std::max<int64_t>(16, kAccBytes / int64_t(sizeof(T)) / NB);
-  const int64_t col_blocks = (d2 + jb - 1) / jb;
-  const int64_t tasks = chunks * col_blocks;
-  const int64_t work = n * s * d2;
-  const int threads = int(std::min<int64_t>({int64_t(max_threads), tasks,
-                                   std::max<int64_t>(1, work / kMinWorkPerThread)}));
-
-  std::atomic<int64_t> next{0};
-  std::atomic<bool> bad{false};
-  run_parallel(threads, [&](int) {
-    std::vector<T> acc(size_t(jb * NB));
-    for (int64_t task; !bad.load(std::memory_order_relaxed) && (task = next++) < tasks;) {
-      const int64_t c = task / col_blocks, j0 = (task % col_blocks) * jb;
-      const int64_t i0 = c * NB, nb = std::min<int64_t>(NB, n - i0), j1 = std::min(d2, j0 + jb);
-      const T* blk = ztp + c * NB * k;
-      bool ok;
-      switch (NB) {
-        case 1: ok = sparse_block<1>(blk, nb, k, values, indices, s, d2, bias, j0, j1, i0, acc.data(), y); break;
-        case 4: ok = sparse_block<4>(blk, nb, k, values, indices, s, d2, bias, j0, j1, i0, acc.data(), y); break;
-        case 8: ok = sparse_block<8>(blk, nb, k, values, indices, s, d2, bias, j0, j1, i0, acc.data(), y); break;
-        default: ok = sparse_block<16>(blk, nb, k, values, indices, s, d2, bias, j0, j1, i0, acc.data(), y);
-      }
-      if (!ok) bad = true;
-    }
-  });
-  ROCKETKIT_CHECK(!bad, fn, "an index of C is outside [0, k = ", k, ")");
+  AlignedBuffer<T> z(size_t(n) * size_t(k));
+  parallel_xu(x, n, d1, U, k, z.get(), max_threads);
+  const bool ok = check_indices
+                      ? sparse_product<true>(z.get(), n, k, values, indices, s, d2, bias, y, max_threads)
+                      : sparse_product<false>(z.get(), n, k, values, indices, s, d2, bias, y, max_threads);
+  ROCKETKIT_CHECK(ok, fn, "an index of C is outside [0, k = ", k, ")");
 }
 
 }  // namespace
 
 void factorized_matmul(const float* x, int64_t n, int64_t d1, const float* U, int64_t k,
                        const float* values, const int16_t* indices, int64_t s, int64_t d2,
-                       const float* bias, float* y, int num_threads) {
-  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads);
+                       const float* bias, float* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
 }
 void factorized_matmul(const float* x, int64_t n, int64_t d1, const float* U, int64_t k,
                        const float* values, const int32_t* indices, int64_t s, int64_t d2,
-                       const float* bias, float* y, int num_threads) {
-  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads);
+                       const float* bias, float* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
 }
 void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, int64_t k,
                        const double* values, const int16_t* indices, int64_t s, int64_t d2,
-                       const double* bias, double* y, int num_threads) {
-  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads);
+                       const double* bias, double* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
 }
 void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, int64_t k,
                        const double* values, const int32_t* indices, int64_t s, int64_t d2,
-                       const double* bias, double* y, int num_threads) {
-  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads);
+                       const double* bias, double* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
 }
 
 }  // namespace rocketkit

@@ -101,18 +101,33 @@ FactorizedLayer Checkpoint::load_layer(const std::string& name) const {
   layer.values = open(name + ".C_values").read_float(name + ".C_values", {L.s, L.d2});
   const std::string idx_name = name + ".C_indices";
   const infer::SafetensorsFile idx_file = open(idx_name);
-  layer.indices = idx_file.read_index(idx_name, {L.s, L.d2}, L.index_dtype == "int16" ? "I16" : "I32");
-  for (size_t i = 0; i < layer.indices.size(); ++i)
-    if (layer.indices[i] < 0 || layer.indices[i] >= L.k)
-      fail(idx_file.path(), "tensor '" + idx_name + "' has index " + std::to_string(layer.indices[i]) +
+  std::vector<int32_t> indices = idx_file.read_index(idx_name, {L.s, L.d2}, L.index_dtype == "int16" ? "I16" : "I32");
+  for (size_t i = 0; i < indices.size(); ++i)
+    if (indices[i] < 0 || indices[i] >= L.k)
+      fail(idx_file.path(), "tensor '" + idx_name + "' has index " + std::to_string(indices[i]) +
                                 " at flat position " + std::to_string(i) + ", outside [0, " + std::to_string(L.k) + ")");
+  // int16 halves the index bytes the kernel streams (every index is < k ≤ 32767 here).
+  if (L.index_dtype == "int16")
+    layer.indices16.assign(indices.begin(), indices.end());
+  else
+    layer.indices32 = std::move(indices);
   if (file_of(name + ".bias")) layer.bias = open(name + ".bias").read_float(name + ".bias", {L.d2});
   return layer;
 }
 
 void FactorizedLayer::forward(const float* x, int64_t n, float* y, int num_threads) const {
-  factorized_matmul(x, n, info.d1, U.data(), info.k, values.data(), indices.data(), info.s, info.d2,
-                    bias.empty() ? nullptr : bias.data(), y, num_threads);
+  const float* b = bias.empty() ? nullptr : bias.data();
+  const size_t nnz = size_t(info.s * info.d2);
+  if (U.size() != size_t(info.d1 * info.k) || values.size() != nnz || (b && bias.size() != size_t(info.d2)) ||
+      (indices16.size() == nnz) == (indices32.size() == nnz))
+    throw std::invalid_argument("[FactorizedLayer::forward] layer '" + info.name +
+                                "': U, values, bias or indices do not have the sizes of its info");
+  if (!indices16.empty())
+    factorized_matmul(x, n, info.d1, U.data(), info.k, values.data(), indices16.data(), info.s, info.d2, b, y,
+                      num_threads);
+  else
+    factorized_matmul(x, n, info.d1, U.data(), info.k, values.data(), indices32.data(), info.s, info.d2, b, y,
+                      num_threads);
 }
 
 }  // namespace rocketkit

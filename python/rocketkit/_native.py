@@ -280,14 +280,25 @@ def _factorized_matmul_prevalidated(x2, U, values, indices, bias, num_threads: i
     per-call index range check.
 
     For callers that validated the indices once (FactorizedLinear re-checks them whenever
-    ``C_indices`` or k changes): ``x2`` (N, d1) and the factors are contiguous CPU torch tensors
-    of one dtype (fp32 or fp64), ``indices`` int16/int32 in [0, k). The core still checks every
-    shape, dtype and size. Returns a torch tensor (N, d2).
+    ``C_indices`` or k changes): ``x2`` is an (N, d1) CPU torch tensor of fp32 or fp64, the
+    factors CPU torch tensors (converted to x2's dtype here), ``indices`` int16/int32 in
+    [0, k). The core still checks every shape, dtype and size. Returns a torch tensor (N, d2).
     """
     import torch
 
-    y = _C.factorized_matmul(x2.numpy(), U.numpy(), values.numpy(), indices.numpy(),
-                             None if bias is None else bias.numpy(), num_threads, False)
+    dt = x2.dtype
+
+    def arr(t):
+        # Only the conversions needed: every torch call costs about a microsecond.
+        t = t.detach()
+        if t.dtype != dt and t.is_floating_point():
+            t = t.to(dt)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t.numpy()
+
+    y = _C.factorized_matmul(arr(x2), arr(U), arr(values), arr(indices),
+                             None if bias is None else arr(bias), num_threads, False)
     return torch.from_numpy(y)
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``rocketkit compress MODEL ...``, ``rocketkit study MODEL ...`` and ``rocketkit info CKPT``."""
+"""Command line: ``rocketkit compress MODEL ...``, ``rocketkit study MODEL ...``, ``rocketkit info CKPT`` and
+``rocketkit export-dense CKPT OUT``."""
 
 from __future__ import annotations
 
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="bytes on disk, parameters and ratio of a compressed checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    e = sub.add_parser("export-dense", help="write a plain HF checkpoint with U·C merged into ordinary Linear weights")
+    e.add_argument("checkpoint", help="a rocketkit compressed checkpoint folder")
+    e.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the exported weights (default: the checkpoint's)")
+    e.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard, in GiB")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -150,29 +160,50 @@ def _info(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     mib = 1024 * 1024
-    b, p = info["bytes"], info["params"]
+    b, p, o, r = info["bytes"], info["params"], info["original"], info["ratio"]
+
+    def size(n: int) -> str:
+        return f"{n:,} ({n / mib:.2f} MiB)"
+
+    achieved = "-" if r["achieved"] is None else f"{r['achieved']:.4f}"
     rows = [
         ("checkpoint", info["path"]),
-        ("model type", str(info["model_type"])),
+        ("model type / dtypes", f"{info['model_type']} / {', '.join(info['dtypes'])}"),
         ("factorized layers", str(info["factorized_layers"]) + f" (cost {info['cost']})"),
-        ("ratio target / achieved", f"{info['ratio']['target']} / {info['ratio']['achieved']:.4f}"),
-        ("params total", f"{p['total']:,}"),
+        ("linear params removed: target / achieved", f"{r['target']} / {achieved}"),
+        ("params total", f"{p['total']:,} (original {o['params']:,}: {100 * r['params_vs_original']:.1f}%)"),
         ("params factorized (before -> after)", f"{p['factorized_layers_dense']:,} -> {p['factorized_layers_after']:,}"),
-        ("bytes U", f"{b['U']:,} ({b['U'] / mib:.2f} MiB)"),
-        ("bytes C values", f"{b['C_values']:,} ({b['C_values'] / mib:.2f} MiB)"),
-        ("bytes C indices", f"{b['C_indices']:,} ({b['C_indices'] / mib:.2f} MiB)"),
-        ("bytes dense rest", f"{b['dense']:,} ({b['dense'] / mib:.2f} MiB)"),
-        ("bytes folder total", f"{b['folder_total']:,} ({b['folder_total'] / mib:.2f} MiB)"),
+        ("bytes U", size(b["U"])),
+        ("bytes C values", size(b["C_values"])),
+        ("bytes C indices", size(b["C_indices"])),
+        ("bytes dense rest", size(b["dense"])),
+        ("bytes tensors", f"{size(b['tensors'])}, original at the same dtype {size(o['tensor_bytes'])}: "
+                          f"{100 * r['tensor_bytes_vs_original']:.1f}%"),
+        ("bytes safetensors files", size(b["safetensors_total"])),
+        ("bytes folder total", size(b["folder_total"])),
     ]
-    w = max(len(r[0]) for r in rows)
+    w = max(len(row[0]) for row in rows)
     print("\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows))
+    return 0
+
+
+def _export_dense(args) -> int:
+    from rocketkit.checkpoint import export_dense
+
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    res = export_dense(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                       max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress)
+    print(f"rocketkit export-dense: {res['merged_layers']} factorized layers merged, {res['tensors']} tensors, "
+          f"{res['bytes_on_disk'] / 2**20:.2f} MiB in {len(res['files'])} file(s) -> {res['path']}")
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"compress": _compress, "study": _study, "info": _info}[args.command](args)
+        return {"compress": _compress, "study": _study, "info": _info,
+                "export-dense": _export_dense}[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"rocketkit {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -3,19 +3,78 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from rocketkit.profile import INT16_MAX_RANK
 
+# Dtypes the native CPU kernel computes in; half-precision modules compute in fp32 and cast back.
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def index_dtype_for(k: int) -> torch.dtype:
     return torch.int16 if k <= INT16_MAX_RANK else torch.int32
 
 
+def _dense_C(values: torch.Tensor, indices: torch.Tensor, k: int, dtype=None) -> torch.Tensor:
+    """C (k×out) from its nonzeros; a row repeated within a column adds up, as in the kernels."""
+    dtype = dtype or values.dtype
+    C = torch.zeros(k, values.shape[1], dtype=dtype, device=values.device)
+    return C.scatter_add_(0, indices.long(), values.to(dtype))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _native_product(x2, U, values, indices, bias, num_threads):
+    """x2 (N, d1)·U·C + bias by the native kernel, in x2's dtype (fp32/fp64); indices pre-validated."""
+    from rocketkit._native import _factorized_matmul_prevalidated
+
+    return _factorized_matmul_prevalidated(x2, U, values, indices, bias, num_threads)
+
+
+class _NativeFactorizedMatmul(torch.autograd.Function):
+    """y = x·U·C + b on the CPU: the native kernel forward, a torch backward (C densified there only)."""
+
+    @staticmethod
+    def forward(ctx, x, U, values, bias, indices, num_threads):
+        cdt = _compute_dtype(x.dtype)
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(cdt)
+        y = _native_product(x2, U, values, indices, bias, num_threads)
+        ctx.save_for_backward(x, U, values, indices)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.to(x.dtype).reshape(*x.shape[:-1], values.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, U, values, indices = ctx.saved_tensors
+        cdt = _compute_dtype(x.dtype)
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(cdt)
+        x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+        Uc = U.to(cdt)
+        need_x, need_U, need_v, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_U = grad_v = grad_b = None
+        if need_x or need_U:
+            # Training is not the hot path: C (k×out, the size of one gradient) is densified only here.
+            gz = gy @ _dense_C(values, indices, U.shape[1], cdt).T
+            if need_x:
+                grad_x = (gz @ Uc.T).to(x.dtype).reshape(x.shape)
+            if need_U:
+                grad_U = (x2.T @ gz).to(U.dtype)
+        if need_v:
+            grad_v = ((x2 @ Uc).T @ gy).gather(0, indices.long()).to(values.dtype)
+        if need_b and ctx.has_bias:
+            grad_b = gy.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_U, grad_v, grad_b, None, None
+
+
 class _ColumnSparseMatmul(torch.autograd.Function):
-    """y = z·C with C (k×out) given by values/indices; the forward uses a cached CSR of Cᵀ."""
+    """y = z·C with C (k×out) given by values/indices; the forward uses a cached CSR of Cᵀ (non-CPU devices)."""
 
     @staticmethod
     def forward(ctx, z, values, indices, csr_t, k):
@@ -26,17 +85,13 @@ class _ColumnSparseMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         z, values, indices = ctx.saved_tensors
-        idx = indices.long()
         grad_z = grad_v = None
-        # Training is not the hot path: densify C (k×out, the size of one gradient) only here.
         if ctx.needs_input_grad[0]:
-            C = torch.zeros(ctx.k, values.shape[1], dtype=grad_y.dtype, device=grad_y.device)
-            C.scatter_(0, idx, values.to(grad_y.dtype))
-            grad_z = grad_y @ C.T
+            grad_z = grad_y @ _dense_C(values, indices, ctx.k, grad_y.dtype).T
         if ctx.needs_input_grad[1]:
             zz = z.reshape(-1, z.shape[-1])
             gy = grad_y.reshape(-1, grad_y.shape[-1]).to(zz.dtype)
-            grad_v = (zz.T @ gy).gather(0, idx).to(values.dtype)
+            grad_v = (zz.T @ gy).gather(0, indices.long()).to(values.dtype)
         return grad_z, grad_v, None, None, None
 
 
@@ -52,9 +107,14 @@ class FactorizedLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear(in_features, out_features)`` storing W ≈ U·C.
 
     ``U`` is (in_features, k); column j of C (k×out_features) holds ``C_values[:, j]`` at rows
-    ``C_indices[:, j]`` (int16 when k ≤ 32767, else int32). The forward never densifies C: it
-    multiplies by a CSR copy of Cᵀ built once and rebuilt only when values/indices change
-    (half-precision inputs are multiplied in fp32, which the CPU sparse kernels need).
+    ``C_indices[:, j]`` (int16 when k ≤ 32767, else int32). The forward computes x·U, then the
+    column-sparse product with C, and never densifies C:
+
+    * CPU: the native kernel (``rocketkit._native``), fp32/fp64; bf16/fp16 modules compute in
+      fp32 and cast back. The indices are range-checked once per change of ``C_indices`` (or
+      of k), not on every call. Autograd works (the backward is torch code).
+    * other devices: torch matmul for x·U, then a CSR copy of Cᵀ built once and rebuilt only
+      when values/indices change.
     """
 
     def __init__(self, in_features: int, out_features: int, k: int, s: int, bias: bool = True, dtype=None, device=None):
@@ -72,8 +132,13 @@ class FactorizedLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, **fk))
         else:
             self.register_parameter("bias", None)
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
         self._csr_key = None
         self._csr = None
+        self._checked_ref = None  # weak reference to the C_indices tensor last validated
+        self._checked_key = None
 
     @classmethod
     def from_factors(cls, U, values, indices, bias=None, dtype=torch.float32, device=None) -> "FactorizedLinear":
@@ -98,6 +163,31 @@ class FactorizedLinear(nn.Module):
     def weight_params(self) -> int:
         return self.in_features * self.k + self.s * self.out_features
 
+    def _check_indices(self) -> None:
+        """Validate C_indices against the current factors unless this exact tensor, unchanged, already passed.
+
+        The key holds the tensor's identity (weakly), storage, version counter and k, so an in-place edit,
+        a replaced tensor or a narrower U triggers a new check; the native kernel then skips its own.
+        """
+        idx, k = self.C_indices, self.U.shape[1]
+        try:
+            key = (idx.data_ptr(), idx._version, tuple(idx.shape), idx.dtype, k)
+        except RuntimeError:  # inference tensors have no version counter: check every time
+            key = None
+        ref = self._checked_ref() if self._checked_ref is not None else None
+        if key is not None and ref is idx and self._checked_key == key:
+            return
+        if idx.dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"FactorizedLinear: C_indices must be int16 or int32, got {idx.dtype}")
+        if tuple(idx.shape) != tuple(self.C_values.shape):
+            raise ValueError(f"FactorizedLinear: C_indices {tuple(idx.shape)} must match C_values {tuple(self.C_values.shape)}")
+        if idx.numel():
+            lo, hi = torch.aminmax(idx)
+            if int(lo) < 0 or int(hi) >= k:
+                raise ValueError(f"FactorizedLinear: C_indices must be in [0, {k}), found values in [{int(lo)}, {int(hi)}]")
+        if key is not None:
+            self._checked_ref, self._checked_key = weakref.ref(idx), key
+
     def _csr_t(self) -> torch.Tensor:
         v, idx = self.C_values, self.C_indices
         key = (v.data_ptr(), v._version, v.dtype, v.device, idx.data_ptr(), idx._version)
@@ -113,7 +203,24 @@ class FactorizedLinear(nn.Module):
             self._csr_key = key
         return self._csr
 
+    def _uses_native(self, x: torch.Tensor) -> bool:
+        U = self.U
+        return (x.device.type == "cpu" and U.device.type == "cpu" and x.dtype == U.dtype
+                and (U.dtype in _NATIVE_DTYPES or U.dtype in _HALF_DTYPES))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_native(x):
+            self._check_indices()
+            threads = torch.get_num_threads()
+            grads = torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in (self.U, self.C_values, self.bias)))
+            if grads:
+                return _NativeFactorizedMatmul.apply(x, self.U, self.C_values, self.bias, self.C_indices, threads)
+            cdt = _compute_dtype(x.dtype)
+            y = _native_product(x.reshape(-1, self.in_features).to(cdt), self.U, self.C_values, self.C_indices,
+                                self.bias, threads)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        # Non-CPU devices (a CUDA kernel is to come), and mismatched dtypes, which raise here as nn.Linear does.
         z = x @ self.U
         csr_t = self._csr_t()
         if torch.is_grad_enabled() and (z.requires_grad or self.C_values.requires_grad):
@@ -126,18 +233,21 @@ class FactorizedLinear(nn.Module):
 
     @torch.no_grad()
     def dense_C(self) -> torch.Tensor:
-        C = torch.zeros(self.k, self.out_features, dtype=self.C_values.dtype, device=self.C_values.device)
-        return C.scatter_(0, self.C_indices.long(), self.C_values)
+        """C (k×out_features), densified; a row repeated within a column adds up."""
+        return _dense_C(self.C_values, self.C_indices, self.k)
 
     @torch.no_grad()
     def to_dense_weight(self) -> torch.Tensor:
-        """The equivalent nn.Linear weight, (out_features, in_features) = (U·C)ᵀ."""
-        return (self.U @ self.dense_C()).T.contiguous()
+        """The equivalent nn.Linear weight, (out_features, in_features) = (U·C)ᵀ, in the module's dtype
+        (computed in fp32 for half-precision modules, so that the merge adds no rounding of its own)."""
+        cdt = _compute_dtype(self.U.dtype)
+        W = self.U.to(cdt) @ _dense_C(self.C_values, self.C_indices, self.k, cdt)
+        return W.T.to(self.U.dtype).contiguous()
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state["_csr"], state["_csr_key"] = None, None
+        state.update(_csr=None, _csr_key=None, _checked_ref=None, _checked_key=None)
         return state
 
     def extra_repr(self) -> str:

@@ -21,20 +21,28 @@ namespace rocketkit {
 /// @param y        out, n×d2.
 /// @param num_threads 0 = all hardware threads, for both x·U (split by columns of U, each part
 ///                    with single-threaded BLAS) and the column-sparse product.
+/// @param check_indices true: every index is checked against [0, k) as it is read (fused
+///                    into the loads; an index outside is never dereferenced). false: the
+///                    caller guarantees the range (e.g. checked once on load); an index
+///                    outside [0, k) is then undefined behaviour.
 /// Requires 1 ≤ s ≤ k, d1, d2 ≥ 1 and n, d1, k < 2^31 (BLAS ints). Throws std::invalid_argument
-/// on bad sizes, or on an index outside [0, k) — then y is left partly written.
+/// on bad sizes, or (when checking) on an index outside [0, k) — then y is left partly written.
 void factorized_matmul(const float* x, int64_t n, int64_t d1, const float* U, int64_t k,
                        const float* values, const int16_t* indices, int64_t s, int64_t d2,
-                       const float* bias, float* y, int num_threads = 0);
+                       const float* bias, float* y, int num_threads = 0,
+                       bool check_indices = true);
 void factorized_matmul(const float* x, int64_t n, int64_t d1, const float* U, int64_t k,
                        const float* values, const int32_t* indices, int64_t s, int64_t d2,
-                       const float* bias, float* y, int num_threads = 0);
+                       const float* bias, float* y, int num_threads = 0,
+                       bool check_indices = true);
 void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, int64_t k,
                        const double* values, const int16_t* indices, int64_t s, int64_t d2,
-                       const double* bias, double* y, int num_threads = 0);
+                       const double* bias, double* y, int num_threads = 0,
+                       bool check_indices = true);
 void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, int64_t k,
                        const double* values, const int32_t* indices, int64_t s, int64_t d2,
-                       const double* bias, double* y, int num_threads = 0);
+                       const double* bias, double* y, int num_threads = 0,
+                       bool check_indices = true);
 
 /// One factorized layer as listed in a checkpoint's config.json ("rocketkit" → "layers").
 struct FactorizedLayerInfo {
@@ -49,10 +57,14 @@ struct FactorizedLayer {
   FactorizedLayerInfo info;
   std::vector<float> U;          ///< d1×k
   std::vector<float> values;     ///< s×d2
-  std::vector<int32_t> indices;  ///< s×d2, each in [0, k)
-  std::vector<float> bias;       ///< d2 entries, or empty when the layer has none
+  /// s×d2, each in [0, k), kept in the checkpoint's index dtype: exactly one of the two is
+  /// filled (indices16 when info.index_dtype is "int16", i.e. k ≤ 32767, else indices32).
+  std::vector<int16_t> indices16;
+  std::vector<int32_t> indices32;
+  std::vector<float> bias;  ///< d2 entries, or empty when the layer has none
 
-  /// y (n×d2) = x (n×d1)·U·C + bias, fp32.
+  /// y (n×d2) = x (n×d1)·U·C + bias, fp32. Indices are range-checked as they are read (the
+  /// fields are public and may have changed since load_layer checked them).
   void forward(const float* x, int64_t n, float* y, int num_threads = 0) const;
 };
 
