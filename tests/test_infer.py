@@ -94,6 +94,44 @@ def test_bad_index_anywhere_is_caught(n, index_dtype):
                                       _C.factorized_matmul(x, U, v, idx, None, 2, True))
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 3, 17, 40])
+def test_half_precision_weights(half, n):
+    """bf16/fp16 U and values are read as stored (no fp32 copy) and widened exactly: the result is
+    the fp32 product of the widened weights (summed in another order than the fp32 path, by
+    tiles of U). d1 spans several widened tiles, d2 has a vector tail."""
+    g = torch.Generator().manual_seed(30 + n)
+    d1, k, s, d2 = 3001, 45, 9, 1037
+    x = torch.randn(n, d1, generator=g)
+    U = (torch.randn(d1, k, generator=g) / d1**0.5).to(half)
+    v = torch.randn(s, d2, generator=g).to(half)
+    idx = torch.randint(0, k, (s, d2), generator=g, dtype=torch.int16)
+    b = torch.randn(d2, generator=g)
+    for threads in (1, 2):
+        y = factorized_matmul(x, U, v, idx, b, num_threads=threads)
+        assert y.dtype == torch.float32
+        ref = reference(x.numpy(), U.float().numpy(), v.float().numpy(), idx.numpy(), b.numpy())
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    bad = idx.clone()
+    bad[4, 1036] = k
+    with pytest.raises(ValueError, match=r"outside \[0, k = 45\)"):
+        factorized_matmul(x, U, v, bad)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_every_bit_pattern_widens_exactly(half):
+    from rocketkit import _C
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).reshape(1, -1)
+    one = torch.ones(1, 1, dtype=half).view(torch.int16).numpy()
+    for n in (1, 2):  # the gather kernel and the row kernel
+        y = _C.factorized_matmul_half(np.ones((n, 1), np.float32), one, bits.numpy(), np.zeros((1, 65536), np.int16),
+                                      None, str(half).replace("torch.", ""), 1, True)
+        ref = bits.view(half).float().numpy().reshape(-1)
+        for row in y:
+            assert np.array_equal(row, ref, equal_nan=True)
+
+
 def test_prevalidated_entry_matches_public():
     from rocketkit._native import _factorized_matmul_prevalidated
 

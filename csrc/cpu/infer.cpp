@@ -9,13 +9,16 @@
 //   Both keep each column's accumulator in registers over a tile of kRowTile consecutive t and
 //   give each task a block of columns, so values/indices stream from memory once per chunk.
 // Index checks are fused into the loads (one unsigned compare per vector of indices); callers
-// that validated the indices once may skip them.
+// that validated the indices once may skip them. bf16/fp16 weights are read as stored and
+// widened to fp32 on the fly (x·U converts one L2-sized tile of U at a time for BLAS), so a
+// half-precision layer streams half the bytes of an fp32 one.
 #include "rocketkit/infer.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cblas.h>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <memory>
@@ -80,6 +83,77 @@ void gemm_xu(const double* x, int64_t n, int64_t d1, const double* U, int64_t k,
                       int(d1), U + c0, int(k), 0.0, z + c0, int(k));
 }
 
+// ---- half-precision weights ----------------------------------------------------------------
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(bfloat16_t v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float widen(float16_t v) {
+#if defined(__F16C__)
+  return _cvtsh_ss(v.bits);
+#else
+  const uint32_t sign = uint32_t(v.bits & 0x8000u) << 16, exp = (v.bits >> 10) & 0x1fu, mant = v.bits & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);  // inf, nan
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  } else {
+    const float f = float(mant) * 5.9604644775390625e-8f;  // subnormal (or zero): mant·2⁻²⁴
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// dst[0, m) = src[0, m) in fp32.
+template <typename W>
+void widen_row(const W* __restrict src, float* __restrict dst, int64_t m) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<W, bfloat16_t>) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (; i < m; ++i) d[i] = uint32_t(s[i]) << 16;  // vectorizes
+  }
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<W, float16_t>)
+    for (; i + 8 <= m; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < m; ++i) dst[i] = widen(src[i]);
+}
+
+constexpr int64_t kWidenTileBytes = 256 * 1024;  // fp32 tile of U per BLAS call (fits L2)
+
+// z[:, c0:c1) = x·U[:, c0:c1) for half-precision U: row tiles of U widened into `tile`, each
+// multiplied by BLAS and accumulated.
+template <typename W>
+void gemm_xu_widened(const float* x, int64_t n, int64_t d1, const W* U, int64_t k, int64_t c0, int64_t c1,
+                     float* z, std::vector<float>& tile) {
+  const int64_t cols = c1 - c0;
+  const int64_t rows = std::clamp<int64_t>(kWidenTileBytes / 4 / cols, 8, d1);
+  tile.resize(size_t(rows * cols));
+  for (int64_t r0 = 0; r0 < d1; r0 += rows) {
+    const int64_t r1 = std::min(d1, r0 + rows);
+    for (int64_t r = r0; r < r1; ++r) widen_row(U + r * k + c0, tile.data() + (r - r0) * cols, cols);
+    const float beta = r0 == 0 ? 0.0f : 1.0f;
+    if (n == 1)
+      scipy_cblas_sgemv(CblasRowMajor, CblasTrans, int(r1 - r0), int(cols), 1.0f, tile.data(), int(cols), x + r0, 1,
+                        beta, z + c0, 1);
+    else
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(cols), int(r1 - r0), 1.0f, x + r0,
+                        int(d1), tile.data(), int(cols), beta, z + c0, int(k));
+  }
+}
+
 // Runs fn(t) for t in [0, threads) on threads-1 new threads and the caller.
 template <typename F>
 void run_parallel(int threads, F&& fn) {
@@ -107,8 +181,8 @@ void run_parallel(int threads, F&& fn) {
 
 // x·U split by columns of U over our own threads, each with single-threaded BLAS: small-n
 // products are memory-bound, and OpenBLAS's own threads spin badly on a busy machine.
-template <typename T>
-void parallel_xu(const T* x, int64_t n, int64_t d1, const T* U, int64_t k, T* z, int threads) {
+template <typename T, typename W>
+void parallel_xu(const T* x, int64_t n, int64_t d1, const W* U, int64_t k, T* z, int threads) {
   threads = int(std::min<int64_t>({int64_t(threads), k / 64 + 1,
                                    std::max<int64_t>(1, n * d1 * k / kMinGemmWorkPerThread)}));
   // Column slices in multiples of 16 so each starts on a cache-line boundary of U's rows.
@@ -124,7 +198,13 @@ void parallel_xu(const T* x, int64_t n, int64_t d1, const T* U, int64_t k, T* z,
   } one_blas_thread;
   run_parallel(threads, [&](int t) {
     const int64_t c0 = std::min(k, t * per), c1 = std::min(k, c0 + per);
-    if (c0 < c1) gemm_xu(x, n, d1, U, k, c0, c1, z);
+    if (c0 >= c1) return;
+    if constexpr (std::is_same_v<T, W>) {
+      gemm_xu(x, n, d1, U, k, c0, c1, z);
+    } else {
+      std::vector<float> tile;
+      gemm_xu_widened(x, n, d1, U, k, c0, c1, z, tile);
+    }
   });
 }
 
@@ -142,11 +222,32 @@ struct AlignedBuffer {
 
 // ---- n = 1 ---------------------------------------------------------------------------------
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bfloat16_t* p) {
+  const __m512i u = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, u, 16));  // maskz: see the gather below
+}
+inline __m512 load16(const float16_t* p) {
+  return _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+#if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bfloat16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+#if defined(__F16C__)
+inline __m256 load8(const float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+#endif
+
 // y[j0, j1) = bias + Σ_t values[t, j]·z[indices[t, j]]. Returns false on an index outside [0, k)
 // (only when kCheck). Columns advance by one vector inside a tile of kGatherRowTile rows t, so the
 // accumulator stays in a register across the tile while z is gathered from L1.
-template <bool kCheck, typename T, typename I>
-bool gather_block(const T* __restrict z, int64_t k, const T* __restrict values, const I* __restrict indices,
+template <bool kCheck, typename T, typename W, typename I>
+bool gather_block(const T* __restrict z, int64_t k, const W* __restrict values, const I* __restrict indices,
                   int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, T* __restrict y) {
   for (int64_t j = j0; j < j1; ++j) y[j] = bias ? bias[j] : T(0);
   for (int64_t t0 = 0; t0 < s; t0 += kGatherRowTile) {
@@ -170,14 +271,18 @@ bool gather_block(const T* __restrict z, int64_t k, const T* __restrict values, 
           // register, which GCC 12 reports as possibly uninitialized.
           const __mmask16 lanes = kCheck ? _mm512_cmplt_epu32_mask(r, kv) : __mmask16(0xFFFF);
           const __m512 zr = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, r, z, 4);
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + t * d2 + j), zr, acc);
+          acc = _mm512_fmadd_ps(load16(values + t * d2 + j), zr, acc);
         }
         _mm512_storeu_ps(y + j, acc);
       }
       if (bad) return false;
     }
 #elif defined(__AVX2__) && !defined(ROCKETKIT_INFER_NO_GATHER)
+#if defined(__F16C__)
     if constexpr (std::is_same_v<T, float>) {
+#else
+    if constexpr (std::is_same_v<T, float> && !std::is_same_v<W, float16_t>) {
+#endif
       const __m256i kmax = _mm256_set1_epi32(int(k - 1));
       __m256i ok = _mm256_set1_epi32(-1);
       for (; j + 8 <= j1; j += 8) {
@@ -197,7 +302,7 @@ bool gather_block(const T* __restrict z, int64_t k, const T* __restrict values, 
           } else {
             zr = _mm256_i32gather_ps(z, r, 4);
           }
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + t * d2 + j), zr, acc);
+          acc = _mm256_fmadd_ps(load8(values + t * d2 + j), zr, acc);
         }
         _mm256_storeu_ps(y + j, acc);
       }
@@ -209,7 +314,7 @@ bool gather_block(const T* __restrict z, int64_t k, const T* __restrict values, 
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r = indices[t * d2 + j];
         if (kCheck && uint64_t(r) >= uint64_t(k)) return false;
-        acc += values[t * d2 + j] * z[r];
+        acc += widen(values[t * d2 + j]) * z[r];
       }
       y[j] = acc;
     }
@@ -228,8 +333,8 @@ template <> struct Vec<double, 64> { typedef double type __attribute__((vector_s
 // One task: output columns [j0, j1) for the chunk of inputs whose zᵀ (k×NB, NB = NV vectors of
 // VB bytes, lanes past nb zero) starts at zt; writes rows [i0, i0 + nb) of y through acc
 // (jb×NB, aligned). Returns false on a bad index (only when kCheck).
-template <bool kCheck, int VB, int NV, typename T, typename I>
-bool rows_block(const T* __restrict zt, int64_t k, const T* __restrict values, const I* __restrict indices,
+template <bool kCheck, int VB, int NV, typename T, typename W, typename I>
+bool rows_block(const T* __restrict zt, int64_t k, const W* __restrict values, const I* __restrict indices,
                 int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, int64_t i0, int64_t nb,
                 T* __restrict acc, T* __restrict y) {
   using V = typename Vec<T, VB>::type;
@@ -247,12 +352,12 @@ bool rows_block(const T* __restrict zt, int64_t k, const T* __restrict values, c
       V a[NV];
 #pragma GCC unroll 8
       for (int i = 0; i < NV; ++i) a[i] = av[jj * NV + i];
-      const T* v = values + j0 + jj;
+      const W* v = values + j0 + jj;
       const I* r = indices + j0 + jj;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = r[t * d2];
         if (kCheck && uint64_t(row) >= uint64_t(k)) return false;
-        const T vt = v[t * d2];
+        const T vt = widen(v[t * d2]);
         const V* zr = zv + row * NV;
 #pragma GCC unroll 8
         for (int i = 0; i < NV; ++i) a[i] += vt * zr[i];
@@ -287,8 +392,8 @@ RowShape row_shape(int64_t n) {
   return best;
 }
 
-template <bool kCheck, typename T, typename I>
-bool rows_block_dispatch(const RowShape& sh, const T* zt, int64_t k, const T* values, const I* indices,
+template <bool kCheck, typename T, typename W, typename I>
+bool rows_block_dispatch(const RowShape& sh, const T* zt, int64_t k, const W* values, const I* indices,
                          int64_t s, int64_t d2, const T* bias, int64_t j0, int64_t j1, int64_t i0,
                          int64_t nb, T* acc, T* y) {
   if (sh.vb == 32) return rows_block<kCheck, 32, 1>(zt, k, values, indices, s, d2, bias, j0, j1, i0, nb, acc, y);
@@ -299,8 +404,8 @@ bool rows_block_dispatch(const RowShape& sh, const T* zt, int64_t k, const T* va
   }
 }
 
-template <bool kCheck, typename T, typename I>
-bool sparse_product(const T* z, int64_t n, int64_t k, const T* values, const I* indices, int64_t s,
+template <bool kCheck, typename T, typename W, typename I>
+bool sparse_product(const T* z, int64_t n, int64_t k, const W* values, const I* indices, int64_t s,
                     int64_t d2, const T* bias, T* y, int max_threads) {
   std::atomic<int64_t> next{0};
   std::atomic<bool> bad{false};
@@ -350,9 +455,9 @@ bool sparse_product(const T* z, int64_t n, int64_t k, const T* values, const I* 
   return !bad;
 }
 
-template <typename T, typename I>
-void factorized_matmul_impl(const T* x, int64_t n, int64_t d1, const T* U, int64_t k,
-                            const T* values, const I* indices, int64_t s, int64_t d2, const T* bias,
+template <typename T, typename W, typename I>
+void factorized_matmul_impl(const T* x, int64_t n, int64_t d1, const W* U, int64_t k,
+                            const W* values, const I* indices, int64_t s, int64_t d2, const T* bias,
                             T* y, int num_threads, bool check_indices) {
   const char* fn = "factorized_matmul";
   constexpr int64_t kBlasMax = std::numeric_limits<int>::max();
@@ -396,6 +501,27 @@ void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, 
 void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, int64_t k,
                        const double* values, const int32_t* indices, int64_t s, int64_t d2,
                        const double* bias, double* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
+}
+
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const bfloat16_t* U, int64_t k,
+                       const bfloat16_t* values, const int16_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
+}
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const bfloat16_t* U, int64_t k,
+                       const bfloat16_t* values, const int32_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
+}
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const float16_t* U, int64_t k,
+                       const float16_t* values, const int16_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads, bool check_indices) {
+  factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
+}
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const float16_t* U, int64_t k,
+                       const float16_t* values, const int32_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads, bool check_indices) {
   factorized_matmul_impl(x, n, d1, U, k, values, indices, s, d2, bias, y, num_threads, check_indices);
 }
 

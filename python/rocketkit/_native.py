@@ -219,7 +219,8 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
     """y = x·U·C + bias for a factorized layer, on the CPU, with the GIL released.
 
     ``x`` is (..., d1) float32 or float64 (NumPy or a CPU torch tensor); the product is
-    computed in x's dtype (U, values and bias are converted to it). ``U`` is (d1, k);
+    computed in x's dtype (U, values and bias are converted to it; bf16/fp16 torch U and
+    values of one dtype with fp32 x are read by the kernel as stored). ``U`` is (d1, k);
     C (k, d2) has ``values[:, j]`` (s, d2) at rows ``indices[:, j]`` (int16 or int32, in
     [0, k)). Returns (..., d2) of the same kind (NumPy or torch) and dtype as ``x``.
     """
@@ -236,8 +237,14 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
     if xa.ndim < 1:
         raise ValueError(f"[{fn}] x must have at least one dimension, got shape {xa.shape}")
     dt = xa.dtype
-    U = _infer_array(fn, "U", U, dt)
-    values = _infer_array(fn, "values", values, dt)
+    # bf16/fp16 torch weights with fp32 x: the kernel reads them as stored (widening is exact).
+    half = (dt == np.float32 and hasattr(U, "dtype") and hasattr(values, "dtype") and U.dtype == values.dtype
+            and str(U.dtype) in ("torch.bfloat16", "torch.float16")
+            and U.device.type == "cpu" and values.device.type == "cpu")
+    half_name = str(U.dtype).replace("torch.", "") if half else None
+    half_U, half_v = (_half_bits(U), _half_bits(values)) if half else (None, None)
+    U = _infer_array(fn, "U", U, dt) if not half else half_U
+    values = _infer_array(fn, "values", values, dt) if not half else half_v
     idx = indices
     if hasattr(idx, "detach") and hasattr(idx, "device"):
         idx = idx.detach().cpu().numpy()
@@ -267,12 +274,25 @@ def factorized_matmul(x, U, values, indices, bias=None, num_threads: int = 0):
         raise ValueError(f"[{fn}] num_threads must be >= 0, got {num_threads}")
     lead = xa.shape[:-1]
     x2 = np.ascontiguousarray(xa.reshape(math.prod(lead), d1))
-    y = _C.factorized_matmul(x2, U, values, idx, b, num_threads).reshape(*lead, d2)
+    if half:
+        y = _C.factorized_matmul_half(x2, U, values, idx, b, half_name, num_threads)
+    else:
+        y = _C.factorized_matmul(x2, U, values, idx, b, num_threads)
+    y = y.reshape(*lead, d2)
     if as_torch:
         import torch
 
         return torch.from_numpy(y)
     return y
+
+
+def _half_bits(t):
+    """A bf16/fp16 CPU torch tensor's bits as an int16 NumPy array (NumPy has no bf16), or None."""
+    import torch
+
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return t.detach().contiguous().view(torch.int16).numpy()
 
 
 def _factorized_matmul_prevalidated(x2, U, values, indices, bias, num_threads: int):
@@ -281,28 +301,32 @@ def _factorized_matmul_prevalidated(x2, U, values, indices, bias, num_threads: i
 
     For callers that validated the indices once (FactorizedLinear re-checks them whenever
     ``C_indices`` or k changes): ``x2`` is an (N, d1) CPU torch tensor of fp32 or fp64, the
-    factors CPU torch tensors (converted to x2's dtype here), ``indices`` int16/int32 in
-    [0, k). The core still checks every shape, dtype and size. Returns a torch tensor (N, d2).
+    factors CPU torch tensors, ``indices`` int16/int32 in [0, k). bf16/fp16 U and values (of
+    one dtype, with fp32 x2) go to the kernel as stored; other factors are converted to x2's
+    dtype. The core still checks every shape, dtype and size. Returns a torch tensor (N, d2).
     """
     import torch
 
     dt = x2.dtype
 
-    def arr(t):
+    def arr(t, dtype=dt):
         # Only the conversions needed: every torch call costs about a microsecond.
         t = t.detach()
-        if t.dtype != dt and t.is_floating_point():
-            t = t.to(dt)
+        if t.dtype != dtype and t.is_floating_point():
+            t = t.to(dtype)
         if not t.is_contiguous():
             t = t.contiguous()
         return t.numpy()
 
-    y = _C.factorized_matmul(arr(x2), arr(U), arr(values), arr(indices),
-                             None if bias is None else arr(bias), num_threads, False)
+    b = None if bias is None else arr(bias)
+    if dt == torch.float32 and U.dtype == values.dtype and U.dtype in (torch.bfloat16, torch.float16):
+        y = _C.factorized_matmul_half(arr(x2), _half_bits(U), _half_bits(values), arr(indices), b,
+                                      str(U.dtype).replace("torch.", ""), num_threads, False)
+    else:
+        y = _C.factorized_matmul(arr(x2), arr(U), arr(values), arr(indices), b, num_threads, False)
     return torch.from_numpy(y)
 
 
-# ---- CUDA dispatch: torch CUDA tensors cross as data_ptr() plus the current stream ----------
 def _is_cuda_tensor(a) -> bool:
     return bool(getattr(a, "is_cuda", False)) and hasattr(a, "data_ptr")
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from rocketkit.profile import INT16_MAX_RANK
 
-# Dtypes the native CPU kernel computes in; half-precision modules compute in fp32 and cast back.
+# Dtypes the native CPU kernel computes in; half-precision modules compute in fp32 (weights read as
+# stored) and cast back.
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -111,8 +112,9 @@ class FactorizedLinear(nn.Module):
     column-sparse product with C, and never densifies C:
 
     * CPU: the native kernel (``rocketkit._native``), fp32/fp64; bf16/fp16 modules compute in
-      fp32 and cast back. The indices are range-checked once per change of ``C_indices`` (or
-      of k), not on every call. Autograd works (the backward is torch code).
+      fp32 and cast back, the kernel reading U and C_values as stored (no fp32 copy per call).
+      The indices are range-checked once per change of ``C_indices`` (or of k), not on every
+      call. Autograd works (the backward is torch code).
     * other devices: torch matmul for x·U, then a CSR copy of Cᵀ built once and rebuilt only
       when values/indices change.
     """

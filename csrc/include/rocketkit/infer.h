@@ -44,6 +44,31 @@ void factorized_matmul(const double* x, int64_t n, int64_t d1, const double* U, 
                        const double* bias, double* y, int num_threads = 0,
                        bool check_indices = true);
 
+/// Storage-only half-precision weight types (the bits of a bf16 / IEEE fp16 number). The kernels
+/// read them as stored and compute in fp32.
+struct bfloat16_t {
+  uint16_t bits;
+};
+struct float16_t {
+  uint16_t bits;
+};
+
+/// The same product with bf16 or fp16 U and values: x, bias and y are fp32, U and values are
+/// widened to fp32 as they are read (so each weight byte is streamed once, at half the fp32
+/// bytes). Same requirements and errors as above.
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const bfloat16_t* U, int64_t k,
+                       const bfloat16_t* values, const int16_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads = 0, bool check_indices = true);
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const bfloat16_t* U, int64_t k,
+                       const bfloat16_t* values, const int32_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads = 0, bool check_indices = true);
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const float16_t* U, int64_t k,
+                       const float16_t* values, const int16_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads = 0, bool check_indices = true);
+void factorized_matmul(const float* x, int64_t n, int64_t d1, const float16_t* U, int64_t k,
+                       const float16_t* values, const int32_t* indices, int64_t s, int64_t d2,
+                       const float* bias, float* y, int num_threads = 0, bool check_indices = true);
+
 /// One factorized layer as listed in a checkpoint's config.json ("rocketkit" → "layers").
 struct FactorizedLayerInfo {
   std::string name;         ///< module name, e.g. "model.layers.3.mlp.down_proj"
