@@ -98,3 +98,27 @@ def test_smollm2_profiled_equals_applied(smollm2, tmp_path):
 @pytest.mark.skipif(os.environ.get("ROCKETKIT_FULL_SMOLLM2") != "1", reason="set ROCKETKIT_FULL_SMOLLM2=1 (all 210 layers, minutes)")
 def test_smollm2_full_profiled_equals_applied(smollm2, tmp_path):
     _smollm2_profiled_equals_applied(smollm2, tmp_path, 0)
+
+
+def test_blockwise_perplexity_equals_full_forward(tiny_model_factory, tmp_path):
+    """The block-by-block perplexity (streaming evaluation) is evaluate.perplexity's definition, for
+    the dense model and with compressed blocks swapped in."""
+    from rocketkit.evaluate import perplexity
+    from rocketkit.pipeline import blockwise_perplexity
+
+    model = tiny_model_factory("qwen3")
+    ids, eval_ids = make_tiny_ids(4, 33, seed=1), make_tiny_ids(3, 21, seed=2)
+    dense = blockwise_perplexity(model, eval_ids, batch_size=2)
+    assert abs(dense - perplexity(model, eval_ids, batch_size=2, progress=False)) <= 1e-6 * dense
+    compressed = copy.deepcopy(model)
+    s = compress(LoadedModel(compressed, None, "tiny"), 0.3, out_dir=tmp_path / "o", calib_ids=ids, eval_ids=eval_ids,
+                 progress=False, buckets=5000, **SMALL_GRID)
+    after = perplexity(compressed, eval_ids, batch_size=8, progress=False)
+    assert abs(s["ppl_after"] - after) <= 1e-6 * after and abs(s["ppl_before"] - dense) <= 1e-6 * dense
+
+    def swap(i, block):
+        return {rel: compressed.model.layers[i].get_submodule(rel) for rel, m in block.named_modules()
+                if isinstance(m, torch.nn.Linear) and isinstance(compressed.model.layers[i].get_submodule(rel), FactorizedLinear)}
+
+    assert abs(blockwise_perplexity(model, eval_ids, batch_size=2, replace=swap) - after) <= 1e-6 * after
+    assert not any(isinstance(m, FactorizedLinear) for m in model.modules())  # swapped back
