@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,12 @@ class CandidateGrid:
 
     def __len__(self) -> int:
         return int(self.k.shape[0])
+
+    def empty(self) -> "CandidateGrid":
+        """The same grid with no candidate left (a layer that must stay dense)."""
+        none = np.zeros(0, dtype=bool)
+        return CandidateGrid(self.cr[none], self.ks[none], self.k[none], self.s[none], self.params[none],
+                             self.index_bytes[none], self.n_total)
 
 
 def _check_axis(name: str, values, lo: float, hi: float, lo_open: bool, hi_open: bool) -> tuple[float, ...]:
@@ -97,6 +104,9 @@ class LayerProfile:
     dead_channels: int
     tokens: int
     skipped: int
+    # Why the layer can only stay dense (no finite calibration token, an all-zero weight, a Gram
+    # that no jitter makes positive definite); its grid is then empty. "" for a normal layer.
+    dense_reason: str = ""
 
     @property
     def dense_params(self) -> int:
@@ -134,7 +144,8 @@ class Profile:
             tensors[f"{i}.s"] = torch.from_numpy(np.ascontiguousarray(lp.grid.s, dtype=np.int64))
             layers.append(
                 dict(name=lp.name, d1=lp.d1, d2=lp.d2, n=len(lp.grid), jitter=lp.jitter,
-                     dead_channels=lp.dead_channels, tokens=lp.tokens, skipped=lp.skipped)
+                     dead_channels=lp.dead_channels, tokens=lp.tokens, skipped=lp.skipped,
+                     **({"dense_reason": lp.dense_reason} if lp.dense_reason else {}))
             )
         atomic_save_safetensors(st_path, tensors, {"format": "rocketkit-profile", "version": str(PROFILE_FORMAT_VERSION)})
         atomic_write_json(
@@ -168,6 +179,9 @@ class Profile:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{json_path}: layer {i} record is malformed ({e})") from None
             grid = candidate_grid(d1, d2, crs, kss)
+            dense_reason = str(rec.get("dense_reason", ""))
+            if dense_reason:
+                grid = grid.empty()
             arrays = {}
             for key, dtype in (("e_weight", np.float64), ("e_output", np.float64), ("k", np.int64), ("s", np.int64)):
                 t = tensors.get(f"{i}.{key}")
@@ -184,6 +198,7 @@ class Profile:
             layers[name] = LayerProfile(
                 name, d1, d2, grid, arrays["e_weight"], arrays["e_output"], float(rec.get("jitter", 0.0)),
                 int(rec.get("dead_channels", 0)), int(rec.get("tokens", 0)), int(rec.get("skipped", 0)),
+                dense_reason,
             )
         if not layers:
             raise ValueError(f"{json_path}: profile has no layers")
@@ -237,6 +252,8 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
     ``on_layer(name)`` is called after each layer. Layers come back in the block's module order.
     ``backend="cuda"`` scores on the GPU holding the Grams (``whitened_errors_cuda``, equal to the
     CPU core to ~1e-12); "cpu" copies S and W to the host."""
+    import torch
+
     from rocketkit._native import whitened_errors
     from rocketkit.whiten import whiten
 
@@ -245,30 +262,43 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
         raise ValueError(f"backend must be one of {', '.join(ERROR_BACKENDS)}, got {backend!r}")
     layers: dict[str, LayerProfile] = {}
     for gram, rels in gram_groups(cb.grams, list(cb.linears)):
-        wh = whiten(gram.H)
-        S = wh.S if backend == "cuda" else np.ascontiguousarray(wh.S.cpu().numpy())  # no copy on the CPU
+        wh, why_dense = None, ""
+        if gram.tokens == 0:
+            why_dense = f"no finite calibration token reached it ({gram.skipped} skipped)"
+        else:
+            try:
+                wh = whiten(gram.H)
+            except RuntimeError as e:
+                why_dense = f"its Gram is not positive definite even with jitter ({e})"
+        S = None if wh is None else (wh.S if backend == "cuda" else np.ascontiguousarray(wh.S.cpu().numpy()))
         for rel in rels:
             lin = cb.linears[rel]
+            name = f"{cb.name}.{rel}"
             d1, d2 = lin.in_features, lin.out_features
             grid = candidate_grid(d1, d2, crs, kss)
+            weight = lin.weight.detach()
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(f"{name}: the weight contains NaN or Inf; fix the checkpoint before compressing it")
+            reason = why_dense or ("its weight is all zeros" if not bool(weight.any()) else "")
+            if reason:
+                warnings.warn(f"{name} is kept dense: {reason}", RuntimeWarning, stacklevel=2)
+                grid = grid.empty()
             if len(grid):
                 cand = np.stack([grid.k, grid.s], axis=1)
                 if backend == "cuda":
-                    import torch
-
                     from rocketkit._native import whitened_errors_cuda
 
-                    W = lin.weight.detach().to(device=S.device, dtype=torch.float64).T.contiguous()
+                    W = weight.to(device=S.device, dtype=torch.float64).T.contiguous()
                     e_w, e_o = (t.cpu().numpy() for t in whitened_errors_cuda(W, S, cand))
                     del W
                 else:
                     e_w, e_o = whitened_errors(weight_f64(lin), S, cand, num_threads=num_threads)
             else:
                 e_w = e_o = np.zeros(0)
-            name = f"{cb.name}.{rel}"
             layers[name] = LayerProfile(
                 name, d1, d2, grid, np.asarray(e_w, dtype=np.float64), np.asarray(e_o, dtype=np.float64),
-                float(wh.jitter), int(wh.dead_channels), int(gram.tokens), int(gram.skipped),
+                float(wh.jitter) if wh is not None else 0.0, int(wh.dead_channels) if wh is not None else 0,
+                int(gram.tokens), int(gram.skipped), reason,
             )
             if on_layer is not None:
                 on_layer(name)
