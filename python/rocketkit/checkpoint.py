@@ -430,7 +430,8 @@ def load_pretrained(path, device="cpu", dtype=None):
     header, shape, dtype and index is checked before the model is built or filled: a missing,
     truncated or corrupted file, an inconsistent index, a mismatched shape or dtype, an index
     outside [0, k), or a missing or unexpected tensor is a ValueError naming the file. The
-    returned model is in eval mode and works with ``generate()`` and training alike."""
+    returned model is in eval mode, carries the saved generation_config.json, and works with
+    ``generate()`` and training alike."""
     from transformers import AutoModelForCausalLM
 
     from rocketkit.modules import FactorizedLinear
@@ -484,7 +485,26 @@ def load_pretrained(path, device="cpu", dtype=None):
         model.load_state_dict(state, strict=False)
         del state
     model.tie_weights()
+    generation = _generation_config(path)
+    if generation is not None:
+        model.generation_config = generation
     return model.to(device).eval()
+
+
+def _generation_config(path: Path):
+    """The checkpoint's generation_config.json (as saved with the model), validated; None when absent."""
+    from transformers import GenerationConfig
+
+    from rocketkit.fileio import read_json
+
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return None
+    doc = read_json(f)  # a ValueError naming the file when truncated or not JSON
+    try:
+        return GenerationConfig.from_dict(doc)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f}: not a valid generation config ({e})") from None
 
 
 # ---- dense export --------------------------------------------------------------------------
