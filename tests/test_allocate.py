@@ -44,7 +44,9 @@ def test_never_over_budget(prof, ratio, cost):
     assert a.achieved_ratio == pytest.approx((dense - a.params) / dense)
     assert a.achieved_ratio >= ratio - 1e-12
     assert a.lower_bound <= a.objective + 1e-9
-    assert a.objective == pytest.approx(sum(d.cost for d in a.layers.values()))
+    total = prof.dense_params()  # default objective: Σ share · cost²
+    assert a.objective == pytest.approx(sum(d.cost ** 2 * d.d1 * d.d2 / total for d in a.layers.values()))
+    assert (a.power, a.weighting) == (2, "params")
     for d in a.layers.values():
         lp = prof.layers[d.name]
         if d.dense:
@@ -100,12 +102,37 @@ def test_uniform_baseline(prof):
                for d in o.layers.values() if not d.dense)
 
 
-def test_param_weighting(prof):
-    a = allocate(prof, 0.3, "weight", weighting="params", buckets=2000)
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("weighting", [None, "params"])
+def test_objective_power_and_weighting(prof, power, weighting):
+    a = allocate(prof, 0.3, "weight", weighting=weighting, power=power, buckets=2000)
     total = prof.dense_params()
-    assert a.weighting == "params"
-    assert a.objective == pytest.approx(sum(d.cost * d.d1 * d.d2 / total for d in a.layers.values()))
-    assert a.params <= a.budget
+    share = (lambda d: d.d1 * d.d2 / total) if weighting else (lambda d: 1.0)
+    assert (a.weighting, a.power) == (weighting, power)
+    assert a.objective == pytest.approx(sum(d.cost ** power * share(d) for d in a.layers.values()))
+    assert a.params <= a.budget and a.lower_bound <= a.objective + 1e-9
+
+
+def test_power_validation(prof):
+    for bad in (0, 3, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="power must be one of 1, 2"):
+            allocate(prof, 0.3, power=bad)
+
+
+def test_plain_sum_concentrates_and_default_spreads():
+    """Concave per-layer errors (a jump at the smallest cr, then slow growth): the plain sum keeps some
+    layers dense and crushes others; Σ share·e² spreads the cut."""
+    crs, kss = (0.1, 0.3, 0.5, 0.7), (1.0,)
+    layers = {}
+    for i in range(12):
+        g = candidate_grid(64, 64, crs, kss)
+        e = 0.05 + 0.8 * g.cr  # like a real MLP layer: 0.13 at cr 0.1, 0.61 at cr 0.7
+        layers[f"l{i}"] = LayerProfile(f"l{i}", 64, 64, g, e, e, 0.0, 0, 10, 0)
+    prof = Profile(layers, {"crs": list(crs), "kss": list(kss)})
+    plain = allocate(prof, 0.4, weighting=None, power=1, buckets=4000)
+    default = allocate(prof, 0.4, buckets=4000)
+    assert {d.cr for d in plain.layers.values()} == {0.0, 0.7}
+    assert {d.cr for d in default.layers.values()} <= {0.3, 0.5} and default.params <= default.budget
 
 
 @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, float("nan"), "x"])

@@ -16,6 +16,14 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _objective_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weighting", choices=("none", "params"), default="params",
+                   help="knapsack weight of a layer's error: its share of the parameters (default) or 1")
+    p.add_argument("--power", type=int, choices=(1, 2), default=2,
+                   help="knapsack objective: sum of weight*cost**power (default 2; 1 with --weighting none is "
+                        "ROCKET's plain sum of errors)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rocketkit", description="Training-free LLM compression with ROCKET.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -27,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allocation cost: weight (ROCKET), output (ROCKET-ActCost), blend (needs --alpha)")
     c.add_argument("--alpha", type=float, default=None, help="blend weight: alpha*e_w + (1-alpha)*e_o")
     c.add_argument("--method", choices=("mckp", "uniform"), default="mckp", help="global knapsack or uniform baseline")
-    c.add_argument("--weighting", choices=("none", "params"), default="none",
-                   help="weight each layer's error by its share of parameters")
+    _objective_args(c)
     c.add_argument("--calib-tokens", type=int, default=131072)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens for perplexity (0: skip)")
@@ -70,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--crs", type=_float_list, default=None, help="custom comma-separated cr values (overrides --grid)")
     st.add_argument("--kss", type=_float_list, default=None, help="custom comma-separated ks values (overrides --grid)")
     st.add_argument("--buckets", type=int, default=50000)
+    _objective_args(st)
     st.add_argument("--batch-size", type=int, default=8, help="calibration and perplexity batch size")
     st.add_argument("--eval-batch-size", type=int, default=16, help="zero-shot task batch size")
     st.add_argument("--device", default="cpu")
@@ -110,7 +118,7 @@ def _compress(args) -> int:
             seq_len=args.seq_len, out_dir=args.out, crs=args.crs or crs, kss=args.kss or kss, buckets=args.buckets,
             eval_tokens=args.eval_tokens, device=args.device, progress=not args.no_progress,
             batch_size=args.batch_size, method=args.method, weighting=None if args.weighting == "none" else "params",
-            overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
+            power=args.power, overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
             work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
         )
     except KeyboardInterrupt:
@@ -141,6 +149,7 @@ def _study(args) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
+        weighting=None if args.weighting == "none" else "params", power=args.power,
     )
     from pathlib import Path
 

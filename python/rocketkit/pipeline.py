@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from rocketkit.allocate import METHODS, allocate, check_cost, check_ratio
+from rocketkit.allocate import (DEFAULT_POWER, DEFAULT_WEIGHTING, METHODS, allocate, check_cost, check_power,
+                                check_ratio)
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS
 
 # Largest |profiled − applied| error (relative, fp64) that the guarantee allows.
@@ -212,7 +213,7 @@ class _CompressRun:
             "evaluation": _ids_fingerprint(self.eval_ids),
             "grid": {"crs": list(o["crs"]), "kss": list(o["kss"])},
             "allocation": {"ratio": o["ratio"], "cost": o["cost"], "alpha": o["alpha"], "method": o["method"],
-                           "weighting": o["weighting"], "buckets": o["buckets"]},
+                           "weighting": o["weighting"], "power": o["power"], "buckets": o["buckets"]},
             "numerics": numerics,
         }
 
@@ -337,7 +338,7 @@ class _CompressRun:
                 st["layers"] = len(profile.layers)
                 if not self.wd.allocation_path.is_file():
                     allocation = allocate(profile, o["ratio"], cost=o["cost"], alpha=o["alpha"], buckets=o["buckets"],
-                                          weighting=o["weighting"], method=o["method"])
+                                          weighting=o["weighting"], method=o["method"], power=o["power"])
                     allocation.save(self.wd.allocation_path)
                 # Every rank (rank 0 included) uses the allocation as read back from its file, so a
                 # resumed run and an uninterrupted one start pass 2 from the same bytes.
@@ -475,7 +476,7 @@ class _CompressRun:
                 "model": self.spec_name,
                 "model_type": getattr(self.model.config, "model_type", None),
                 "ratio": a.ratio, "cost": a.cost, "alpha": a.alpha, "method": a.method, "weighting": a.weighting,
-                "achieved_ratio": a.achieved_ratio,
+                "power": a.power, "achieved_ratio": a.achieved_ratio,
                 "compressible_params_before": a.dense_params, "compressible_params_after": a.params,
                 "params_before": params_before, "params_after": params_after,
                 "layers": len(a.layers), "factorized_layers": len(applied),
@@ -582,7 +583,8 @@ def compress(
     progress: bool = True,
     batch_size: int = 8,
     method: str = "mckp",
-    weighting=None,
+    weighting=DEFAULT_WEIGHTING,
+    power: int = DEFAULT_POWER,
     overwrite: bool = False,
     seed: int = 0,
     calib_ids: torch.Tensor | None = None,
@@ -620,6 +622,7 @@ def compress(
         weighting = "params"
     if weighting not in (None, "params"):
         raise ValueError(f"weighting must be None or 'params', got {weighting!r}")
+    power = check_power(power)
     crs, kss = check_grid(crs, kss)
     if out_dir is None:
         raise ValueError("out_dir is required")
@@ -641,7 +644,7 @@ def compress(
                 comm, dev, threads, model_spec=model_spec, ratio=ratio, cost=cost,
                 alpha=None if cost != "blend" else float(alpha), calib_tokens=calib_tokens, seq_len=seq_len,
                 out_dir=out_dir, crs=crs, kss=kss, buckets=buckets, eval_tokens=eval_tokens, progress=progress,
-                batch_size=batch_size, method=method, weighting=weighting, overwrite=overwrite, seed=seed,
+                batch_size=batch_size, method=method, weighting=weighting, power=power, overwrite=overwrite, seed=seed,
                 calib_ids=calib_ids, eval_ids=eval_ids, restart=restart, work_dir=work_dir,
                 trust_remote_code=trust_remote_code, dtype=dtype,
             )
@@ -661,7 +664,9 @@ def format_summary(summary: dict) -> str:
     mib = 1024 * 1024
     rows = [
         ("model", f"{summary['model']} ({summary['model_type']})"),
-        ("cost", summary["cost"] + (f" (alpha={summary['alpha']})" if summary.get("alpha") is not None else "")),
+        ("cost", summary["cost"] + (f" (alpha={summary['alpha']})" if summary.get("alpha") is not None else "")
+         + (f"; knapsack objective sum of {'share * ' if summary.get('weighting') else ''}cost^{summary.get('power', 1)}"
+            if summary.get("method") == "mckp" else f"; {summary.get('method')} allocation")),
         ("ratio target / achieved", f"{summary['ratio']:.4f} / {summary['achieved_ratio']:.4f}"),
         ("linear params before / after", f"{summary['compressible_params_before']:,} / {summary['compressible_params_after']:,}"),
         ("model params before / after", f"{summary['params_before']:,} / {summary['params_after']:,}"),

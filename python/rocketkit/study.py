@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rocketkit.allocate import Allocation, check_ratio
+from rocketkit.allocate import DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, check_power, check_ratio
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, Profile
 
 STUDY_FORMAT_VERSION = 1
@@ -454,6 +454,8 @@ def run_study(
     buckets: int = 50000,
     batch_size: int = 8,
     eval_batch_size: int = 16,
+    weighting=DEFAULT_WEIGHTING,
+    power: int = DEFAULT_POWER,
     device: str = "cpu",
     progress: bool = True,
     seed: int = 0,
@@ -527,7 +529,10 @@ def run_study(
                                 "crs": list(crs), "kss": list(kss)})
     eval_key = settings_key({"v": STUDY_FORMAT_VERSION, "model": dense_fp, "eval": tensor_fingerprint(eval_ids),
                              "tasks": task_names, "limit": limit, "harness": bool(harness)})
-    common_key = settings_key({"profile": profile_key, "eval": eval_key, "buckets": int(buckets)})
+    weighting = None if weighting in (None, False, "none") else weighting
+    power = check_power(power)
+    allocation_settings = {"buckets": int(buckets), "weighting": weighting, "power": power}
+    common_key = settings_key({"profile": profile_key, "eval": eval_key, **allocation_settings})
     settings = {
         "key": common_key,
         "model": spec_name,
@@ -546,6 +551,8 @@ def run_study(
         "seed": seed,
         "grid": {"crs": list(crs), "kss": list(kss), "candidates_per_layer": len(crs) * len(kss)},
         "buckets": int(buckets),
+        "weighting": weighting,
+        "power": power,
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
         "device": str(device),
@@ -609,7 +616,8 @@ def run_study(
         allocation = None
         if spec.cost != "dense":
             with log.stage("allocate"):
-                allocation = allocate(profile, spec.ratio, buckets=buckets, **spec.allocate_kwargs())
+                allocation = allocate(profile, spec.ratio, buckets=buckets, weighting=weighting, power=power,
+                                      **spec.allocate_kwargs())
             allocation.save(out_dir / "allocations" / f"{spec.label}.json")
             allocations[spec.label] = allocation
         run_key = settings_key({"common": common_key, "cost": spec.cost, "ratio": spec.ratio, "alpha": spec.alpha})
