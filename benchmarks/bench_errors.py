@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import resource
 import time
 
 import numpy as np
 import torch
 
 from rocketkit import _native
+from _common import cpu_name, peak_rss_mib
 
 CRS = np.round(np.arange(0.05, 0.701, 0.05), 2)  # 14
 KSS = np.round(np.arange(1.0, 3.001, 0.1), 1)  # 21
@@ -92,18 +91,8 @@ def torch_baseline(W, S, cands):
     return np.array(ew), np.array(eo)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_shape(d1, d2, threads, refcheck, baseline_stride):
@@ -292,7 +281,7 @@ def main_cuda(args):
         raise SystemExit("--device cuda needs a CUDA build of rocketkit and a visible GPU")
     name = torch.cuda.get_device_name()
     peak = gpu_peak(name, args.peak_tflops)
-    print(f"device: {name} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB), host {cpu_model()} "
+    print(f"device: {name} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB), host {cpu_name()} "
           f"with {os.cpu_count()} cores; torch {torch.__version__}; fp64 throughout (no TF32); SVD {args.svd}")
     results = {}
     for shape in (args.shapes or CUDA_SHAPES).split(","):
@@ -325,7 +314,7 @@ def main():
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     shapes = "256x640,640x256" if args.quick else args.shapes
-    print(f"device: {cpu_model()}, {os.cpu_count()} logical cores; threads = {threads}; "
+    print(f"device: {cpu_name()}, {os.cpu_count()} logical cores; threads = {threads}; "
           f"torch {torch.__version__}, numpy {np.__version__}; fp64 throughout")
     ok = True
     for shape in shapes.split(","):

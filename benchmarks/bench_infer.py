@@ -28,7 +28,6 @@ import argparse
 import copy
 import gc
 import os
-import platform
 import resource
 import time
 
@@ -37,6 +36,7 @@ import torch
 
 from rocketkit._native import factorized_matmul
 from rocketkit.modules import FactorizedLinear
+from _common import cpu_name, peak_rss_mib
 
 SHAPES = [(8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)]
 BATCHES = [1, 16]
@@ -45,19 +45,8 @@ KS = 2.0
 TARGET_PARAMS = 0.60
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def current_rss_gb() -> float:
@@ -139,7 +128,7 @@ def main():
         devices.append("cuda")
 
     load = os.getloadavg()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
           f"torch {torch.__version__}, {threads} threads for both sides")
     if "cuda" in devices:
         print(f"GPU: {torch.cuda.get_device_name()}")
@@ -187,7 +176,7 @@ def main():
                            f"{t['fact'][0]:>8.2f} {t['fact'][1]:>7.1f} {checked} {ratio:>6.2f} {target:>6}")
                     if args.csr:
                         row += f" {t['csr'][0]:>8.2f}"
-                    print(row + f" {peak_rss_gb():>11.2f}", flush=True)
+                    print(row + f" {(peak_rss_mib() / 1024):>11.2f}", flush=True)
                     if args.refcheck:
                         with torch.no_grad():
                             err = refcheck(layer, x, layer(x), rng)
@@ -199,7 +188,7 @@ def main():
             gc.collect()
         del dense_cpu
         gc.collect()
-    print(f"current RSS {current_rss_gb():.2f} GB, peak RSS {peak_rss_gb():.2f} GB")
+    print(f"current RSS {current_rss_gb():.2f} GB, peak RSS {(peak_rss_mib() / 1024):.2f} GB")
     if missed:
         print("target missed (params < 60% of dense but not faster):", missed)
     else:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import resource
 import time
 
 import numpy as np
 
 import rocketkit
+from _common import cpu_name, peak_rss_mib
 
 # (name, blocks, hidden, kv width, MLP width); one block has q,k,v,o,gate,up,down.
 MODELS = [
@@ -115,19 +114,8 @@ def python_dict_dp(errors, params, budget: int, buckets: int):
     return best, choice
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_native(errors, params, budget, buckets, threads, repeats):

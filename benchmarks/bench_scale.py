@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_name
 
 GIB = 1024**3
 MIB = 1024**2
@@ -56,14 +56,6 @@ GRIDS = {
 REAL_VOCAB = 128256  # Llama 3: what the embeddings and lm_head of a real model would add
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def grid(name: str):

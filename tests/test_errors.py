@@ -159,7 +159,7 @@ def test_ridge_is_reported_and_accounted():
 
 # ---- factorize -------------------------------------------------------------------------------
 def reconstruct(f, d2):
-    s, k = f.values.shape[0], f.U.shape[1]
+    k = f.U.shape[1]
     C = np.zeros((k, d2))
     np.put_along_axis(C, f.indices.astype(np.int64), f.values, axis=0)
     return f.U @ C

@@ -3,7 +3,6 @@ reference, and the C++ inference library end to end on a saved compressed checkp
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

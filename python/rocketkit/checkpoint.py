@@ -71,6 +71,8 @@ def rocketkit_section(allocation, applied: dict | None = None, dtype=None) -> di
         "cost": allocation.cost,
         "alpha": allocation.alpha,
         "method": allocation.method,
+        "weighting": allocation.weighting,
+        "power": allocation.power,
         "ratio": allocation.ratio,
         "achieved_ratio": allocation.achieved_ratio,
         "compressible_params_before": allocation.dense_params,
