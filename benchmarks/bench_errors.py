@@ -59,6 +59,22 @@ def synthetic_layer(d1: int, d2: int, seed: int = 0):
     return np.ascontiguousarray(W), np.ascontiguousarray(S)
 
 
+def refit_errors(W, WL, Su, Cm, G, nW, nWL) -> tuple[float, float]:
+    """Both errors of one masked C: D* by normal equations (Cholesky of G = CCᵀ with the core's ridge
+    rule), Ŵ = S⁻¹D*C by a triangular solve, then the norms."""
+    k = G.shape[0]
+    eps, base = 0.0, float(torch.diagonal(G).mean()) or 1.0
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
+    while True:
+        L, info = torch.linalg.cholesky_ex(G + eps * eye)
+        if int(info) == 0:
+            break
+        eps = 1e-12 * base if eps == 0 else eps * 10
+    DC = torch.cholesky_solve(Cm @ WL.T, L).T @ Cm
+    What = torch.linalg.solve_triangular(Su, DC, upper=True)
+    return float(torch.linalg.norm(W - What) / nW), float(torch.linalg.norm(WL - DC) / nWL)
+
+
 def torch_baseline(W, S, cands):
     """Per candidate: reconstruct Ŵ and measure both norms (fp64)."""
     W = torch.from_numpy(W)
@@ -73,21 +89,10 @@ def torch_baseline(W, S, cands):
         # stable descending sort keeps the lower row first among equal |C|
         order = torch.sort(C.abs(), dim=0, descending=True, stable=True).indices[:s]
         Cm = torch.zeros_like(C).scatter_(0, order, C.gather(0, order))
-        if s == k and sig[k - 1] ** 2 > 0:
-            G = torch.diag(sig[:k] ** 2)
-        else:
-            G = Cm @ Cm.T
-        eps, base = 0.0, float(torch.diagonal(G).mean()) or 1.0
-        while True:
-            L, info = torch.linalg.cholesky_ex(G + eps * torch.eye(k, dtype=G.dtype))
-            if int(info) == 0:
-                break
-            eps = 1e-12 * base if eps == 0 else eps * 10
-        Dstar = torch.cholesky_solve(Cm @ WL.T, L).T
-        DC = Dstar @ Cm
-        What = torch.linalg.solve_triangular(Su, DC, upper=True)
-        ew.append(float(torch.linalg.norm(W - What) / nW))
-        eo.append(float(torch.linalg.norm(WL - DC) / nWL))
+        G = torch.diag(sig[:k] ** 2) if s == k and sig[k - 1] ** 2 > 0 else Cm @ Cm.T
+        e_w, e_o = refit_errors(W, WL, Su, Cm, G, nW, nWL)
+        ew.append(e_w)
+        eo.append(e_o)
     return np.array(ew), np.array(eo)
 
 
@@ -189,20 +194,10 @@ def torch_baseline_cuda(W, S, cands):
         order = torch.sort(C.abs(), dim=0, descending=True, stable=True).indices[:s]
         Cm = torch.zeros_like(C).scatter_(0, order, C.gather(0, order))
         del C, order
-        G = Cm @ Cm.T
-        eps, base = 0.0, float(torch.diagonal(G).mean()) or 1.0
-        eye = torch.eye(k, dtype=G.dtype, device=G.device)
-        while True:
-            L, info = torch.linalg.cholesky_ex(G + eps * eye)
-            if int(info) == 0:
-                break
-            eps = 1e-12 * base if eps == 0 else eps * 10
-        Dstar = torch.cholesky_solve(Cm @ WL.T, L).T
-        DC = Dstar @ Cm
-        What = torch.linalg.solve_triangular(Su, DC, upper=True)
-        ew.append(float(torch.linalg.norm(W - What) / nW))
-        eo.append(float(torch.linalg.norm(WL - DC) / nWL))
-        del G, L, Dstar, DC, What, Cm
+        e_w, e_o = refit_errors(W, WL, Su, Cm, Cm @ Cm.T, nW, nWL)
+        ew.append(e_w)
+        eo.append(e_o)
+        del Cm
     return np.array(ew), np.array(eo), t_basis
 
 

@@ -518,22 +518,15 @@ class _CompressRun:
         """Rename the finished folder to ``out_dir`` (replacing an existing one when overwriting),
         with SIGINT/SIGTERM held back so that no interrupt lands between the renames; then remove
         the work folder."""
-        from rocketkit.fileio import _fsync_dir
+        from rocketkit.fileio import replace_directory
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         blocked = {signal.SIGINT, signal.SIGTERM}
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            if out_dir.exists():
-                if not self.o["overwrite"]:
-                    raise ValueError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(ck, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(ck, out_dir)
-            _fsync_dir(out_dir.parent)
+            if out_dir.exists() and not self.o["overwrite"]:
+                raise ValueError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+            replace_directory(ck, out_dir)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.wd.release_lock()
