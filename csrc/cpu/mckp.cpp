@@ -187,10 +187,34 @@ inline void min_plus_update_group(const double* const* src, const double* e, con
 }
 
 // One layer's DP over buckets [b0, b1): cur[b] = min_c prev[b − cost_c] + err_c.
+//
+// Rows saturate: with cap = min(B, Σ of the largest cost of each layer so far), every candidate of
+// every layer so far fits below cap, so cur[b] = cur[cap] for b ≥ cap, with the same arg-min (the
+// same sums in the same order). Buckets above cap copy that value instead of recomputing it; a
+// tile lying wholly above cap computes bucket cap alone. Results are bit-identical to the full DP.
 template <typename BP>
 void dp_tile(const double* __restrict prev, double* __restrict cur, BP* __restrict bp_row,
-             int64_t b0, int64_t b1, const int32_t* cost, const double* err, int64_t n,
+             int64_t b0, int64_t b1, int64_t cap, const int32_t* cost, const double* err, int64_t n,
              double* __restrict arg) {
+  if (b0 > cap) {
+    double v = std::numeric_limits<double>::infinity();
+    int64_t a = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      if (cost[c] > cap) continue;
+      const double x = prev[cap - cost[c]] + err[c];
+      if (x < v) {
+        v = x;
+        a = c;
+      }
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      cur[b] = v;
+      bp_row[b] = static_cast<BP>(a);
+    }
+    return;
+  }
+  const int64_t full_end = b1;
+  b1 = std::min(b1, cap + 1);
   const int64_t len = b1 - b0;
   double* best = cur + b0;
   for (int64_t i = 0; i < len; ++i) {
@@ -235,6 +259,10 @@ void dp_tile(const double* __restrict prev, double* __restrict cur, BP* __restri
   }
   if (filled) flush(filled);
   for (int64_t i = 0; i < len; ++i) bp_row[b0 + i] = static_cast<BP>(arg[i]);
+  for (int64_t b = b1; b < full_end; ++b) {  // saturated: bucket cap is this tile's last computed
+    cur[b] = cur[b1 - 1];
+    bp_row[b] = bp_row[b1 - 1];
+  }
 }
 
 template <typename BP>
@@ -252,6 +280,13 @@ std::vector<double> run_dp(const detail::MckpPlan& plan, int num_threads, BP* bp
   // layer l+1 overwrites). No barrier: a thread the OS delays (another process on a
   // 2-core machine) holds nobody up unless it is inside a tile. A tile's result does not
   // depend on which thread computes it, hence results do not depend on the thread count.
+  std::vector<int64_t> cap(L);
+  for (int64_t l = 0, sum = 0; l < L; ++l) {
+    int64_t widest = 0;
+    for (int64_t c = plan.layer_begin[l]; c < plan.layer_begin[l + 1]; ++c) widest = std::max<int64_t>(widest, plan.cost[c]);
+    sum = std::min(width - 1, sum + widest);
+    cap[l] = sum;
+  }
   std::unique_ptr<std::atomic<int64_t>[]> next_tile(new std::atomic<int64_t>[L]);
   std::unique_ptr<TileCounter[]> done_tiles(new TileCounter[L]);
   for (int64_t l = 0; l < L; ++l) next_tile[l].store(0, std::memory_order_relaxed);
@@ -265,7 +300,7 @@ std::vector<double> run_dp(const detail::MckpPlan& plan, int num_threads, BP* bp
       const int64_t n = plan.layer_begin[l + 1] - c0;
       for (int64_t t; (t = next_tile[l].fetch_add(1, std::memory_order_relaxed)) < tiles;) {
         const int64_t b0 = t * kTile;
-        dp_tile(prev, cur, bp + l * width, b0, std::min(width, b0 + kTile), plan.cost.data() + c0,
+        dp_tile(prev, cur, bp + l * width, b0, std::min(width, b0 + kTile), cap[l], plan.cost.data() + c0,
                 plan.err.data() + c0, n, arg.data());
         done_tiles[l].add(tiles);
       }
