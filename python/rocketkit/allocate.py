@@ -9,7 +9,7 @@ p = 2 with w_l = the layer's share of the dense parameters, is the squared relat
 over parameters. The plain sum (p = 1, w_l = 1) is concave where it matters: every layer's error
 jumps from 0 (dense) to a sizeable value at the smallest cr of the grid and then grows slowly, so
 the DP keeps most layers dense and crushes a few at cr 0.7. On SmolLM2-135M at 40% removed that
-plain sum gave 14x uniform's perplexity while the default beat uniform (benchmarks/bench_quality.py).
+plain sum gave 13.5x uniform's perplexity while the default beat uniform (benchmarks/bench_quality.py).
 """
 
 from __future__ import annotations
