@@ -179,11 +179,18 @@ def check_power(power) -> int:
     return int(power)
 
 
-def _weights(profile: Profile, weighting) -> dict[str, float]:
+def check_weighting(weighting) -> str | None:
+    """"params" or None; also accepts True/False and "none"."""
     if weighting in (None, False, "none"):
+        return None
+    if weighting in (True, "params"):
+        return "params"
+    raise ValueError(f"weighting must be None or 'params', got {weighting!r}")
+
+
+def _weights(profile: Profile, weighting: str | None) -> dict[str, float]:
+    if weighting is None:
         return {name: 1.0 for name in profile.layers}
-    if weighting not in (True, "params"):
-        raise ValueError(f"weighting must be None or 'params', got {weighting!r}")
     total = profile.dense_params()
     return {name: lp.dense_params / total for name, lp in profile.layers.items()}
 
@@ -209,6 +216,7 @@ def allocate(
     ratio = check_ratio(ratio)
     a = check_cost(cost, alpha)
     power = check_power(power)
+    weighting = check_weighting(weighting)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not profile.layers:
@@ -239,8 +247,7 @@ def allocate(
     params = sum(d.params for d in layers.values())
     return Allocation(
         layers=layers, ratio=ratio, cost=cost, alpha=a if cost == "blend" else None, method=method,
-        weighting=None if weighting in (None, False, "none") else "params",
-        budget=budget, dense_params=dense, params=params, achieved_ratio=(dense - params) / dense,
+        weighting=weighting, budget=budget, dense_params=dense, params=params, achieved_ratio=(dense - params) / dense,
         objective=float(sum(d.cost ** power * w[n] for n, d in layers.items())), lower_bound=lower_bound,
         curve_params=curve_p, curve_error=curve_e, power=power,
         meta={"buckets": int(buckets), "profile": {k: v for k, v in profile.meta.items() if k in ("crs", "kss", "model_type", "tokens")}},

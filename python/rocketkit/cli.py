@@ -117,7 +117,7 @@ def _compress(args) -> int:
             args.model, args.ratio, cost=args.cost, alpha=args.alpha, calib_tokens=args.calib_tokens,
             seq_len=args.seq_len, out_dir=args.out, crs=args.crs or crs, kss=args.kss or kss, buckets=args.buckets,
             eval_tokens=args.eval_tokens, device=args.device, progress=not args.no_progress,
-            batch_size=args.batch_size, method=args.method, weighting=None if args.weighting == "none" else "params",
+            batch_size=args.batch_size, method=args.method, weighting=args.weighting,
             power=args.power, overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
             work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
         )
@@ -149,7 +149,7 @@ def _study(args) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
-        weighting=None if args.weighting == "none" else "params", power=args.power,
+        weighting=args.weighting, power=args.power,
     )
     from pathlib import Path
 

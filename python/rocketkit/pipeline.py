@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from rocketkit.allocate import (DEFAULT_POWER, DEFAULT_WEIGHTING, METHODS, allocate, check_cost, check_power,
-                                check_ratio)
+                                check_ratio, check_weighting)
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS
 
 # Largest |profiled − applied| error (relative, fp64) that the guarantee allows.
@@ -609,12 +609,7 @@ def compress(
     check_cost(cost, alpha)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if weighting in (False, "none"):
-        weighting = None
-    if weighting is True:
-        weighting = "params"
-    if weighting not in (None, "params"):
-        raise ValueError(f"weighting must be None or 'params', got {weighting!r}")
+    weighting = check_weighting(weighting)
     power = check_power(power)
     crs, kss = check_grid(crs, kss)
     if out_dir is None:

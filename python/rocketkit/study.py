@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rocketkit.allocate import DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, check_power, check_ratio
+from rocketkit.allocate import (DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, check_power, check_ratio,
+                                check_weighting)
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, Profile
 
 STUDY_FORMAT_VERSION = 1
@@ -482,6 +483,7 @@ def run_study(
 
     t_start = time.perf_counter()
     ratios, costs, alphas = _check_lists(ratios, costs, alphas)
+    weighting, power = check_weighting(weighting), check_power(power)
     if out_dir is None:
         raise ValueError("out_dir is required")
     out_dir = Path(out_dir)
@@ -529,10 +531,8 @@ def run_study(
                                 "crs": list(crs), "kss": list(kss)})
     eval_key = settings_key({"v": STUDY_FORMAT_VERSION, "model": dense_fp, "eval": tensor_fingerprint(eval_ids),
                              "tasks": task_names, "limit": limit, "harness": bool(harness)})
-    weighting = None if weighting in (None, False, "none") else weighting
-    power = check_power(power)
-    allocation_settings = {"buckets": int(buckets), "weighting": weighting, "power": power}
-    common_key = settings_key({"profile": profile_key, "eval": eval_key, **allocation_settings})
+    common_key = settings_key({"profile": profile_key, "eval": eval_key, "buckets": int(buckets),
+                               "weighting": weighting, "power": power})
     settings = {
         "key": common_key,
         "model": spec_name,
