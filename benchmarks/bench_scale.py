@@ -21,6 +21,7 @@ extension was built with CUDA), where the full grid is the intended setting.
 
     python benchmarks/bench_scale.py                               # 8B width, 2,4,8 blocks, small grid
     python benchmarks/bench_scale.py --blocks 2,4 --no-baseline
+    python benchmarks/bench_scale.py --blocks 4 --no-stream            # the baseline alone
     python benchmarks/bench_scale.py --width tiny --blocks 2,4 --refcheck      # quick smoke run
     python benchmarks/bench_scale.py --device cuda --grid full --include-70b   # on a GPU machine
 """
@@ -232,6 +233,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-baseline", action="store_true", help="skip the materialized-model baseline")
     ap.add_argument("--baseline-max-blocks", type=int, default=4, help="run the baseline only up to this depth")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="run only the baseline (for depths whose streamed run was measured before)")
     ap.add_argument("--refcheck", action="store_true", help="compare streamed and baseline checkpoints tensor by tensor")
     ap.add_argument("--tmp", default=None, help="where to write the checkpoints (default: system temp)")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -289,27 +292,23 @@ def main() -> None:
                   f"({bp * 2 / GIB:.2f} GiB bf16, {bp * 4 / GIB:.2f} GiB fp32); checkpoint written in "
                   f"{time.perf_counter() - t:.1f}s")
             run = {"width": width_name, "blocks": n, "block_params": bp}
-            run["stream"] = s = run_worker(script, "stream", folder, tmp_root / f"out-{width_name}-{n}", args)
-            print(f"  {'stage':>9} {'block':>5} {'work':>9} {'total s':>8} {'load s':>8} {'fwd s':>8} {'prof s':>8} "
-                  f"{'fact s':>8} {'write s':>8} {'peak GiB':>9}" + (f" {'GPU GiB':>9}" if "cuda" in args.device else ""))
-            for b in s["blocks"]:
-                print("  " + block_row(b))
-            stages = ", ".join(f"{e['name']} {e['seconds']:.1f}s" for e in s["stages"])
-            print(f"  stages: {stages}")
-            print(f"  streaming: wall {s['wall_s']:.1f}s, process peak RSS {s['peak_rss_bytes'] / GIB:.2f} GiB; "
-                  f"{s['factorized_layers']}/{s['layers']} layers factorized, achieved ratio {s['achieved_ratio']:.3f}, "
-                  f"max |profiled - applied| error {s['max_profiled_vs_applied_error']:.2e}")
+            if not args.no_stream:
+                run["stream"] = stream_report(run_worker(script, "stream", folder, tmp_root / f"out-{width_name}-{n}", args),
+                                              args)
             full_ram = bp * n * itemsize + ram_need
             if not args.no_baseline and n <= args.baseline_max_blocks and full_ram < 0.6 * mem_total:
                 run["full"] = f = run_worker(script, "full", folder, tmp_root / f"full-{width_name}-{n}", args)
                 print(f"  baseline (whole model materialized, in-memory profile/apply/save): wall {f['wall_s']:.1f}s, "
-                      f"peak RSS {f['peak_rss_bytes'] / GIB:.2f} GiB; streaming/baseline: time "
-                      f"{s['wall_s'] / f['wall_s']:.2f}x, peak RSS {s['peak_rss_bytes'] / f['peak_rss_bytes']:.2f}x")
-                if args.refcheck:
-                    diff = refcheck(tmp_root / f"out-{width_name}-{n}", tmp_root / f"full-{width_name}-{n}")
-                    run["refcheck_max_abs_diff"] = diff
-                    print(f"  refcheck: streamed vs in-memory checkpoint tensors, max |diff| = {diff:.3g} "
-                          f"({'OK' if diff == 0 else 'DIFFERENT'})")
+                      f"peak RSS {f['peak_rss_bytes'] / GIB:.2f} GiB")
+                if "stream" in run:
+                    s = run["stream"]
+                    print(f"  streaming/baseline: time {s['wall_s'] / f['wall_s']:.2f}x, "
+                          f"peak RSS {s['peak_rss_bytes'] / f['peak_rss_bytes']:.2f}x")
+                    if args.refcheck:
+                        diff = refcheck(tmp_root / f"out-{width_name}-{n}", tmp_root / f"full-{width_name}-{n}")
+                        run["refcheck_max_abs_diff"] = diff
+                        print(f"  refcheck: streamed vs in-memory checkpoint tensors, max |diff| = {diff:.3g} "
+                              f"({'OK' if diff == 0 else 'DIFFERENT'})")
                 shutil.rmtree(tmp_root / f"full-{width_name}-{n}", ignore_errors=True)
             elif not args.no_baseline:
                 print(f"  baseline skipped (depth > {args.baseline_max_blocks} or ~{full_ram / GIB:.1f} GiB needed)")
@@ -325,9 +324,26 @@ def main() -> None:
         atomic_write_json(args.json, results)
 
 
+def stream_report(s: dict, args) -> dict:
+    print(f"  {'stage':>9} {'block':>5} {'work':>9} {'total s':>8} {'load s':>8} {'fwd s':>8} {'prof s':>8} "
+          f"{'fact s':>8} {'write s':>8} {'peak GiB':>9}" + (f" {'GPU GiB':>9}" if "cuda" in args.device else ""))
+    for b in s["blocks"]:
+        print("  " + block_row(b))
+    stages = ", ".join(f"{e['name']} {e['seconds']:.1f}s" for e in s["stages"])
+    print(f"  stages: {stages}")
+    print(f"  streaming: wall {s['wall_s']:.1f}s, process peak RSS {s['peak_rss_bytes'] / GIB:.2f} GiB; "
+          f"{s['factorized_layers']}/{s['layers']} layers factorized, achieved ratio {s['achieved_ratio']:.3f}, "
+          f"max |profiled - applied| error {s['max_profiled_vs_applied_error']:.2e}")
+    return s
+
+
 def summarize(results: dict, itemsize: int) -> None:
     for width in ("tiny", "8b", "70b"):
-        runs = [r for r in results["runs"] if r["width"] == width]
+        for r in results["runs"]:
+            if r["width"] == width and "stream" not in r and "full" in r:
+                print(f"\n== {width} x{r['blocks']} baseline only: wall {r['full']['wall_s']:.1f}s, "
+                      f"peak RSS {r['full']['peak_rss_bytes'] / GIB:.2f} GiB")
+        runs = [r for r in results["runs"] if r["width"] == width and "stream" in r]
         if not runs:
             continue
         print(f"\n== {width} width summary (measured)")
