@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.no_stream and (args.no_baseline or args.refcheck):
+        ap.error("--no-stream runs the baseline alone: it cannot go with --no-baseline or --refcheck")
     if args.grid is None:
         args.grid = "full" if args.device.startswith("cuda") else "small"
     if args.worker:
