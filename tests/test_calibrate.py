@@ -130,6 +130,7 @@ def test_gram_add_skips_nonfinite_rows():
     x[1, 6, 0] = float("inf")
     gram = Gram(torch.zeros(11, 11, dtype=torch.float64))
     gram.add(x)
+    gram.finalize()
     rows = x.reshape(-1, 11).double()
     ok = torch.isfinite(rows).all(dim=1)
     assert gram.skipped == 2 and gram.tokens == 12

@@ -100,12 +100,16 @@ def reference(tmp_path_factory):
     return folder, ref
 
 
-def test_sigkill_mid_profile_and_mid_factorize_then_resume_is_bit_identical(reference, tmp_path, capsys):
+@pytest.mark.parametrize("cache", ["0", "auto"])
+def test_sigkill_mid_profile_and_mid_factorize_then_resume_is_bit_identical(reference, tmp_path, capsys, cache):
+    """With the whitening cache (auto) and without it (0, pass 2 recomputes): the reference was made
+    with the cache, so the checkpoint is also the same bytes either way."""
     import json
 
     folder, ref = reference
     out, work = tmp_path / "out", tmp_path / "out.partial"
-    proc = start(folder, out, "profile:1")
+    budget = ("--cache-budget", cache)
+    proc = start(folder, out, "profile:1", *budget)
     wait_paused(proc, "profile:1")
     assert stop(proc, signal.SIGKILL)[0] == -signal.SIGKILL
     assert not out.exists()
@@ -113,23 +117,30 @@ def test_sigkill_mid_profile_and_mid_factorize_then_resume_is_bit_identical(refe
         "block-00000.json", "block-00000.safetensors", "block-00001.json", "block-00001.safetensors"]
     assert not (work / "allocation.json").exists()
 
-    proc = start(folder, out, "factorize:2")
+    proc = start(folder, out, "factorize:2", *budget)
     wait_paused(proc, "factorize:2")
     assert stop(proc, signal.SIGKILL)[0] == -signal.SIGKILL
     assert not out.exists()
     assert (work / "allocation.json").is_file()
     assert sorted(p.name for p in (work / "blocks").iterdir()) == ["block-00000.json", "block-00001.json"]
 
-    assert main(compress_argv(folder, out)) == 0
+    if cache == "auto":
+        assert sorted(p.name for p in (work / "cache").glob("*.json")) == [f"block-0000{i}.json" for i in range(N_BLOCKS)]
+    else:
+        assert not any((work / "cache").iterdir())
+    assert main(compress_argv(folder, out, *budget)) == 0
     capsys.readouterr()
     assert not work.exists()
     assert_same_checkpoint(ref, out)
-    # The run log keeps every attempt: the last one profiled nothing and factorized blocks 2 and 3.
+    # The run log keeps every attempt: the last one profiled nothing and factorized blocks 2 and 3,
+    # from the cache without any forward, or after running blocks 0 and 1 forward again.
     log = json.loads((out / "runlog.json").read_text())
     assert [a["attempt"] for a in log["attempts"]] == [1, 2, 3]
     last = log["attempts"][-1]["ranks"][0]["blocks"]
+    forward = [] if cache == "auto" else [("factorize", 0, "forward"), ("factorize", 1, "forward")]
     assert [(b["stage"], b["index"], b["work"]) for b in last] == [
-        ("factorize", 0, "forward"), ("factorize", 1, "forward"), ("factorize", 2, "factorize"), ("factorize", 3, "factorize")]
+        *forward, ("factorize", 2, "factorize"), ("factorize", 3, "factorize")]
+    assert [b["source"] for b in last if b["work"] == "factorize"] == ["cache" if cache == "auto" else "recompute"] * 2
     assert all(b["peak_rss_bytes"] > 0 and b["seconds"] >= 0 for b in last)
     # Killed runs keep the entries they finished: attempt 1 profiled block 0 (block 1 was cut off),
     # attempt 2 profiled blocks 2 and 3 and allocated.
@@ -195,3 +206,35 @@ def test_interrupt_before_final_rename_and_restart(reference, tmp_path, capsys):
     assert main(compress_argv(folder, out, "--overwrite")) == 0
     capsys.readouterr()
     assert_same_checkpoint(ref, out)
+
+
+def test_partial_cache_budget_recomputes_leading_blocks_only(reference, tmp_path, capsys):
+    """A budget for two blocks caches the last two; pass 2 recomputes blocks 0 and 1 (forward and
+    Grams), runs no forward past them, and writes the same checkpoint."""
+    import json
+
+    from transformers import AutoConfig
+
+    from rocketkit.whitening_cache import block_cache_bytes
+
+    folder, ref = reference
+    cfg = AutoConfig.from_pretrained(folder)
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    per_block = block_cache_bytes([h, h, h, h, h, h, m])  # q k v o gate up down
+    out = tmp_path / "out"
+    assert main(compress_argv(folder, out, "--cache-budget", str(2 * per_block))) == 0
+    capsys.readouterr()
+    assert_same_checkpoint(ref, out)
+    rank = json.loads((out / "runlog.json").read_text())["attempts"][0]["ranks"][0]
+    assert rank["cache"]["cached_blocks"] == [2, 3] and rank["cache"]["recompute_blocks"] == [0, 1]
+    assert rank["cache"]["budget_bytes"] == 2 * per_block
+    pass2 = [(b["index"], b["work"], b.get("source")) for b in rank["blocks"] if b["stage"] == "factorize"]
+    assert pass2 == [(0, "factorize", "recompute"), (1, "factorize", "recompute"), (2, "factorize", "cache"),
+                     (3, "factorize", "cache")]
+
+
+def test_cache_budget_is_validated(reference, tmp_path, capsys):
+    folder, _ = reference
+    for bad in ("-1", "lots", "1.5G"):
+        assert main(compress_argv(folder, tmp_path / "out", "--cache-budget", bad)) == 2
+        assert "cache budget" in capsys.readouterr().err

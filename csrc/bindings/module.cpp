@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void bind_errors(py::module_& m);
+void bind_gram(py::module_& m);
 void bind_mckp(py::module_& m);
 void bind_infer(py::module_& m);
 void bind_cuda(py::module_& m);
@@ -19,6 +20,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &rocketkit::cuda_device_count);
   m.def("cuda_device_name", &rocketkit::cuda_device_name, py::arg("device") = 0);
   bind_errors(m);
+  bind_gram(m);
   bind_mckp(m);
   bind_infer(m);
   bind_cuda(m);

@@ -114,6 +114,31 @@ def whitened_errors(W, S, candidates, num_threads: int = 0):
     return _C.whitened_errors(W, S, cand, num_threads)
 
 
+def _gram_buffer(fn: str, H) -> np.ndarray:
+    if not (isinstance(H, np.ndarray) and H.dtype == np.float64 and H.ndim == 2 and H.shape[0] == H.shape[1]
+            and H.shape[0] >= 1 and H.flags.c_contiguous and H.flags.writeable and H.flags.aligned):
+        raise ValueError(f"[{fn}] H must be a writable, aligned, C-contiguous float64 (d, d) array, got "
+                         f"{getattr(H, 'dtype', type(H).__name__)} {getattr(H, 'shape', '')}")
+    return H
+
+
+def gram_accumulate(H, X) -> None:
+    """H's upper triangle += XᵀX in place (SYRK; the lower triangle is not touched).
+
+    H is a (d, d) float64 C-contiguous NumPy array (a torch CPU tensor's ``.numpy()`` view works),
+    X an (n, d) float64 array of n tokens. Use :func:`gram_symmetrize` once all batches are in."""
+    H = _gram_buffer("gram_accumulate", H)
+    X = _as_f64_matrix("X", "gram_accumulate", X)
+    if X.shape[1] != H.shape[0]:
+        raise ValueError(f"[gram_accumulate] X must be (n, {H.shape[0]}) for H of shape {H.shape}, got {X.shape}")
+    _C.gram_accumulate(H, X)
+
+
+def gram_symmetrize(H) -> None:
+    """Copy H's upper triangle onto its lower one, in place."""
+    _C.gram_symmetrize(_gram_buffer("gram_symmetrize", H))
+
+
 def factorize(W, S, k: int, s: int) -> Factors:
     """The factorization rocketkit applies for candidate (k, s): same basis and mask as profiling.
 

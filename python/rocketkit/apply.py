@@ -61,25 +61,46 @@ def factorize_block(cb, decisions: dict, free_grams: bool = False) -> dict[str, 
     after use); every layer's errors are measured by explicit reconstruction. Returns rel ->
     (FactorizedLinear in the layer's dtype and device, AppliedLayer) in the block's module order;
     the block itself is not modified."""
-    from rocketkit._native import factorize
-    from rocketkit.profile import gram_groups, weight_f64
+    from rocketkit.profile import gram_groups
     from rocketkit.whiten import whiten
 
-    unknown = sorted(set(decisions) - set(cb.linears))
+    def whitening_of(gram):
+        def get():
+            wh = whiten(gram.H)
+            if free_grams:
+                gram.H = None
+            return wh
+
+        return get
+
+    groups = [(whitening_of(gram), rels)
+              for gram, rels in gram_groups(cb.grams, [rel for rel in cb.linears if rel in decisions])]
+    return factorize_groups(cb.name, cb.linears, decisions, groups)
+
+
+def factorize_groups(name: str, linears: dict, decisions: dict, groups) -> dict[str, tuple[FactorizedLinear, AppliedLayer]]:
+    """The factorizations of block ``name``'s ``linears`` (rel -> nn.Linear) named in ``decisions``.
+    ``groups`` lists (whitening, rels): ``whitening()`` returns the ``whiten.Whitening`` that the
+    linears ``rels`` share (from their Gram, or from pass 1's cache); one is alive at a time."""
+    from rocketkit._native import factorize
+    from rocketkit.profile import weight_f64
+
+    unknown = sorted(set(decisions) - set(linears))
     if unknown:
-        raise ValueError(f"{cb.name}: no linears named {unknown}")
+        raise ValueError(f"{name}: no linears named {unknown}")
     for rel, d in decisions.items():
         if d.dense:
-            raise ValueError(f"{cb.name}.{rel}: the allocation keeps this layer dense")
+            raise ValueError(f"{name}.{rel}: the allocation keeps this layer dense")
     out = {}
-    for gram, rels in gram_groups(cb.grams, [rel for rel in cb.linears if rel in decisions]):
-        wh = whiten(gram.H)
-        if free_grams:
-            gram.H = None
+    for whitening, rels in groups:
+        rels = [rel for rel in rels if rel in decisions]
+        if not rels:
+            continue
+        wh = whitening()
         S = np.ascontiguousarray(wh.S.cpu().numpy())
         for rel in rels:
             d = decisions[rel]
-            lin = cb.linears[rel]
+            lin = linears[rel]
             W = weight_f64(lin)
             f = factorize(W, S, d.k, d.s)
             e_w, e_o = _measured_errors(torch.from_numpy(W), wh.S, torch.from_numpy(f.U),
@@ -90,10 +111,13 @@ def factorize_block(cb, decisions: dict, free_grams: bool = False) -> dict[str, 
                 f.U, f.values, f.indices, bias=bias, dtype=lin.weight.dtype, device=lin.weight.device
             )
             new.train(lin.training)
-            out[rel] = (new, AppliedLayer(f"{cb.name}.{rel}", d.k, d.s, e_w, e_o, float(f.ridge), float(wh.jitter)))
+            out[rel] = (new, AppliedLayer(f"{name}.{rel}", d.k, d.s, e_w, e_o, float(f.ridge), float(wh.jitter)))
             del f
         del S, wh
-    return {rel: out[rel] for rel in cb.linears if rel in out}
+    missing = sorted(set(decisions) - set(out))
+    if missing:
+        raise ValueError(f"{name}: no whitening given for {missing}")
+    return {rel: out[rel] for rel in linears if rel in out}
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -28,7 +28,11 @@ from rocketkit.models import block_linears, check_model_type, find_decoder_block
 
 @dataclass(eq=False)
 class Gram:
-    """H = Σ xᵀx over finite tokens, in fp64. Tokens with any NaN/Inf are counted in ``skipped``."""
+    """H = Σ xᵀx over finite tokens, in fp64. Tokens with any NaN/Inf are counted in ``skipped``.
+
+    On the CPU :meth:`add` updates H's upper triangle only (SYRK, half a GEMM's flops) and
+    :meth:`finalize` mirrors it, so H is exactly symmetric; on a GPU the full product is added and
+    finalize averages the two triangles."""
 
     H: torch.Tensor
     tokens: int = 0
@@ -44,8 +48,23 @@ class Gram:
         if n_ok:
             # bf16/fp32 products are exact in fp64; fp32 accumulation loses PSD on outlier channels.
             x = x.to(torch.float64)
-            self.H.addmm_(x.T, x)
+            if self.H.device.type == "cpu":
+                from rocketkit._native import gram_accumulate
+
+                gram_accumulate(self.H.numpy(), x.contiguous().numpy())
+            else:
+                self.H.addmm_(x.T, x)
         self.tokens += n_ok
+
+    def finalize(self) -> None:
+        """Make H exactly symmetric once every batch is added."""
+        if self.H.device.type == "cpu":
+            from rocketkit._native import gram_symmetrize
+
+            gram_symmetrize(self.H.numpy())
+        else:
+            # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
+            self.H = (self.H + self.H.T).mul_(0.5)
 
 
 @dataclass
@@ -218,8 +237,7 @@ class BlockStream:
         if missing:
             raise RuntimeError(f"{self.path}.{i}: linears never called during calibration: {missing}")
         for gram in {id(g): g for g in grams.values()}.values():
-            # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
-            gram.H = (gram.H + gram.H.T).mul_(0.5)
+            gram.finalize()
         # Dense outputs feed the next block before the consumer touches this one.
         self.hidden = outputs
         self.next_index = i + 1

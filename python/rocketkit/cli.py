@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--work-dir", default=None,
                    help="work folder of the resumable run (default: OUT.partial); a rerun resumes from it")
     c.add_argument("--restart", action="store_true", help="discard an unfinished run's work folder and start over")
+    c.add_argument("--cache-budget", default="auto",
+                   help="disk for pass 1's whitening factors, so pass 2 runs no second calibration forward: 'auto' "
+                        "(half the free space beside the output, after the checkpoint's room), 0 (recompute), or bytes "
+                        "such as 8G; blocks that do not fit are recomputed. Never changes the result")
     c.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model folder's own code (off by default)")
 
@@ -122,6 +126,7 @@ def _compress(args) -> int:
             batch_size=args.batch_size, method=args.method, weighting=args.weighting,
             power=args.power, overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
             work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
+            cache_budget=args.cache_budget,
         )
     except KeyboardInterrupt:
         from pathlib import Path

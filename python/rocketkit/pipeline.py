@@ -147,7 +147,7 @@ class _CompressRun:
     # ---------------------------------------------------------------- setup
 
     def open_model(self) -> None:
-        from rocketkit.models import LoadedModel, find_decoder_blocks, open_streaming
+        from rocketkit.models import LoadedModel, find_decoder_blocks, open_streaming, streaming_weights
         from rocketkit.workdir import model_folder_fingerprint, model_memory_fingerprint
 
         t = time.perf_counter()
@@ -167,6 +167,7 @@ class _CompressRun:
         check_model_type(self.model.config)
         self.prefix, self.blocks = find_decoder_blocks(self.model)
         self.n_blocks = len(self.blocks)
+        self.streaming = streaming_weights(self.model)
         floats = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
         self.dtype = floats[0] if floats else torch.float32
         vocab = getattr(self.model.config, "vocab_size", None)
@@ -283,20 +284,56 @@ class _CompressRun:
             self.bar.close()
             stream.close()
 
+    def cache_plan(self, todo: list[int]) -> set[int]:
+        """The blocks among ``todo`` whose whitening pass 1 keeps for pass 2 (the last ones first,
+        see whitening_cache), within the cache budget; recorded in the run log."""
+        from rocketkit.models import block_linears
+        from rocketkit.whitening_cache import block_cache_bytes, plan_cached_blocks, resolve_budget
+
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        reserved = sum(p.numel() for p in self.model.parameters()) * itemsize  # room for the checkpoint
+        budget = resolve_budget(self.o["cache_budget"], self.wd.cache, reserved)
+        sizes = [block_cache_bytes([lin.in_features for lin in block_linears(b).values()]) for b in self.blocks]
+        # Blocks other ranks own, or already profiled, are not written by this rank: leave them out.
+        mine = [sizes[i] if i in set(todo) else 0 for i in range(self.n_blocks)]
+        plan = set(plan_cached_blocks(mine, budget)) & set(todo)
+        self.log.data["cache"] = {"budget": self.o["cache_budget"], "budget_bytes": budget,
+                                  "estimated_bytes": sum(mine[i] for i in plan), "cached_blocks": sorted(plan),
+                                  "recompute_blocks": sorted(set(todo) - plan)}
+        self.log.save()
+        return plan
+
     def profile_pass(self) -> None:
         from rocketkit.profile import Profile, profile_block, profile_meta
 
         if self.wd.allocation_path.is_file():
             return  # the allocation exists, so every profile did
+        from rocketkit.whitening_cache import CachedGroup, WhiteningCache
+
         todo = [i for i in range(self.n_blocks) if self.comm.owns(i) and not self.wd.has_profile(i)]
         meta = profile_meta(self.model, self.calib_ids, self.o["crs"], self.o["kss"])
+        cache, plan = WhiteningCache(self.wd.cache), self.cache_plan(todo)
 
         def work(i, cb, e):
+            groups, written, cache_s = [], 0, 0.0
+
+            def keep(g, rels, wh):
+                nonlocal written, cache_s
+                if i in plan and wh is not None:
+                    t = time.perf_counter()
+                    written += cache.save_group(i, len(groups), wh.S)
+                    groups.append(CachedGroup(list(rels), int(wh.S.shape[0]), float(wh.jitter), int(wh.dead_channels)))
+                    cache_s += time.perf_counter() - t
+
             t = time.perf_counter()
             layers = profile_block(cb, self.o["crs"], self.o["kss"], num_threads=self.threads,
                                    on_layer=lambda name: self.bar.set_postfix_str(name), free_grams=True,
-                                   backend=self.errors_backend)
-            e["profile_s"] = time.perf_counter() - t
+                                   backend=self.errors_backend, on_whitened=keep)
+            e["profile_s"] = time.perf_counter() - t - cache_s
+            if i in plan:
+                cache.finish_block(i, groups)
+                e["cache_bytes"], e["cache_write_s"] = written, cache_s
+            e["cached"] = i in plan
             t = time.perf_counter()
             Profile(layers=layers, meta=meta).save(self.wd.profile_stem(i))
             e["write_s"] = time.perf_counter() - t
@@ -359,33 +396,77 @@ class _CompressRun:
         return out
 
     def factorize_pass(self) -> None:
-        from rocketkit.apply import factorize_block
-        from rocketkit.fileio import atomic_write_json
-        from rocketkit.shards import block_tensors, write_shard
+        """Pass 2. Blocks whose whitening pass 1 cached are factorized from it: their weights are
+        loaded, no forward runs. The others are recomputed: the calibration forward runs up to the
+        last of them, with Grams for their factorized layers. Each block's log says which."""
+        from tqdm.auto import tqdm
+
+        from rocketkit.apply import factorize_block, factorize_groups
+        from rocketkit.models import block_linears
+        from rocketkit.whitening_cache import WhiteningCache
 
         todo = [i for i in range(self.n_blocks) if self.comm.owns(i) and not self.wd.has_block(i)]
+        cache = WhiteningCache(self.wd.cache)
+        cached = {i: groups for i in todo if (groups := cache.groups(i)) is not None}
+        recompute = [i for i in todo if i not in cached]
 
         def work(i, cb, e):
             decisions = self._decisions(i)
             t = time.perf_counter()
             fact = factorize_block(cb, decisions, free_grams=True) if decisions else {}
             e["factorize_s"] = time.perf_counter() - t
-            e["factorized_layers"] = len(fact)
-            tensors = block_tensors(cb.block, cb.name, {rel: m for rel, (m, _) in fact.items()})
-            _pause_point(f"factorize:{i}")
-            t = time.perf_counter()
-            rec = write_shard(self.wd.block_shard_path(i), tensors)
-            rec["block"] = i
-            rec["applied"] = {a.name: asdict(a) for _, a in fact.values()}
-            del tensors, fact
-            atomic_write_json(self.wd.block_record_path(i), rec)
-            e["write_s"] = time.perf_counter() - t
-            e["shard_bytes"] = rec["bytes"]
+            e["source"] = "recompute"
+            self._write_block(i, cb.block, cb.name, fact, e)
 
-        with self.log.stage("factorize", blocks_todo=len(todo)) as st:
-            self._stream_pass("factorize", "pass 2/2 factorize", todo, lambda i: list(self._decisions(i)), work)
+        def from_cache(i, e):
+            t = time.perf_counter()
+            block = self.blocks[i] if self.streaming is None else self.streaming.materialize_block(i)
+            e["load_s"] = time.perf_counter() - t
+            try:
+                decisions, name = self._decisions(i), f"{self.prefix}.{i}"
+                groups = [(lambda g=g, grp=grp: cache.load_whitening(i, g, grp, device=self.device), grp.rels)
+                          for g, grp in enumerate(cached[i])]
+                t = time.perf_counter()
+                fact = factorize_groups(name, block_linears(block), decisions, groups) if decisions else {}
+                e["factorize_s"] = time.perf_counter() - t
+                e["source"] = "cache"
+                self._write_block(i, block, name, fact, e)
+            finally:
+                if self.streaming is not None:
+                    self.streaming.release_block(i)
+
+        with self.log.stage("factorize", blocks_todo=len(todo), from_cache=len(cached),
+                            recomputed=len(recompute)) as st:
+            self._stream_pass("factorize", "pass 2/2 factorize (recompute)", recompute,
+                              lambda i: list(self._decisions(i)), work)
+            bar = tqdm(total=len(cached), desc="pass 2/2 factorize", unit="block",
+                       disable=not self.progress or not cached)
+            try:
+                for i in sorted(cached):
+                    with self.log.block(i, f"{self.prefix}.{i}", stage="factorize", work="factorize") as e:
+                        from_cache(i, e)
+                    bar.update(1)
+            finally:
+                bar.close()
         self.times["factorize"] = st["seconds"]
         self.comm.barrier()
+
+    def _write_block(self, i: int, block, name: str, fact: dict, e: dict) -> None:
+        """Block i's shard (its factorized layers and the rest of its weights) and record."""
+        from rocketkit.fileio import atomic_write_json
+        from rocketkit.shards import block_tensors, write_shard
+
+        e["factorized_layers"] = len(fact)
+        tensors = block_tensors(block, name, {rel: m for rel, (m, _) in fact.items()})
+        _pause_point(f"factorize:{i}")
+        t = time.perf_counter()
+        rec = write_shard(self.wd.block_shard_path(i), tensors)
+        rec["block"] = i
+        rec["applied"] = {a.name: asdict(a) for _, a in fact.values()}
+        del tensors
+        atomic_write_json(self.wd.block_record_path(i), rec)
+        e["write_s"] = time.perf_counter() - t
+        e["shard_bytes"] = rec["bytes"]
 
     def block_records(self) -> list[dict]:
         from rocketkit.fileio import read_json
@@ -587,6 +668,7 @@ def compress(
     work_dir=None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    cache_budget="auto",
 ) -> dict:
     """Compress ``model_spec`` (HF folder, .gguf, "smollm2", or an already loaded LoadedModel) and
     write the checkpoint, profile, allocation, summary and run log into ``out_dir``. Returns the
@@ -600,7 +682,9 @@ def compress(
     ``num_threads`` (0: torch's current count) pins torch and OpenBLAS; it is part of the
     fingerprint because results depend on it in the last bits. A folder is opened in ``dtype``
     (computation and the saved tensors); an in-memory model keeps its own. An in-memory model is
-    compressed in place when the call returns."""
+    compressed in place when the call returns. ``cache_budget`` ("auto", 0, or bytes, e.g. "8G")
+    bounds the disk that pass 1 may fill with whitening factors so that pass 2 runs no second
+    calibration forward (``rocketkit.whitening_cache``); it never changes the result."""
     from rocketkit.distributed import init_comm
     from rocketkit.profile import check_grid
     from rocketkit.threads import pinned_threads
@@ -625,6 +709,9 @@ def compress(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    from rocketkit.whitening_cache import parse_cache_budget
+
+    cache_budget = parse_cache_budget(cache_budget)
     comm, dev = init_comm(device)
     try:
         with pinned_threads(num_threads) as threads:
@@ -634,7 +721,7 @@ def compress(
                 out_dir=out_dir, crs=crs, kss=kss, buckets=buckets, eval_tokens=eval_tokens, progress=progress,
                 batch_size=batch_size, method=method, weighting=weighting, power=power, overwrite=overwrite, seed=seed,
                 calib_ids=calib_ids, eval_ids=eval_ids, restart=restart, work_dir=work_dir,
-                trust_remote_code=trust_remote_code, dtype=dtype,
+                trust_remote_code=trust_remote_code, dtype=dtype, cache_budget=cache_budget,
             )
             try:
                 return run.run()

@@ -244,12 +244,14 @@ ERROR_BACKENDS = ("cpu", "cuda")
 
 
 def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_layer=None,
-                  free_grams: bool = False, backend: str = "cpu") -> dict[str, LayerProfile]:
+                  free_grams: bool = False, backend: str = "cpu", on_whitened=None) -> dict[str, LayerProfile]:
     """Score every candidate of each linear of one calibrated block (``calibrate.CalibratedBlock``).
 
     Distinct Grams are whitened one at a time, each once, and its S is dropped once its layers are
     scored (``free_grams=True`` drops the Gram too), so at most one S exists at a time.
-    ``on_layer(name)`` is called after each layer. Layers come back in the block's module order.
+    ``on_layer(name)`` is called after each layer; ``on_whitened(g, rels, wh)`` after the g-th
+    distinct Gram is whitened (``wh`` None when its layers must stay dense), e.g. to cache S for
+    pass 2. Layers come back in the block's module order.
     ``backend="cuda"`` scores on the GPU holding the Grams (``whitened_errors_cuda``, equal to the
     CPU core to ~1e-12); "cpu" copies S and W to the host."""
     import torch
@@ -261,7 +263,7 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
     if backend not in ERROR_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(ERROR_BACKENDS)}, got {backend!r}")
     layers: dict[str, LayerProfile] = {}
-    for gram, rels in gram_groups(cb.grams, list(cb.linears)):
+    for g, (gram, rels) in enumerate(gram_groups(cb.grams, list(cb.linears))):
         wh, why_dense = None, ""
         if gram.tokens == 0:
             why_dense = f"no finite calibration token reached it ({gram.skipped} skipped)"
@@ -270,6 +272,8 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
                 wh = whiten(gram.H)
             except RuntimeError as e:
                 why_dense = f"its Gram is not positive definite even with jitter ({e})"
+        if on_whitened is not None:
+            on_whitened(g, rels, wh)
         S = None if wh is None else (wh.S if backend == "cuda" else np.ascontiguousarray(wh.S.cpu().numpy()))
         for rel in rels:
             lin = cb.linears[rel]

@@ -5,6 +5,7 @@ Layout::
     manifest.json                      fingerprint of everything that determines the result
     lock                               flock'ed by the running process (rank 0)
     profiles/block-00003.{safetensors,json}   one block's profile (the .json is written last)
+    cache/block-00003-g0.safetensors   block 3's whitening factors for pass 2 (whitening_cache.py)
     allocation.json                    the solved allocation
     blocks/block-00003.json            one block's factorization record (written after its shard)
     eval.json                          perplexities, when asked for
@@ -106,6 +107,7 @@ class WorkDir:
         self.blocks = self.root / "blocks"
         self.attempts = self.root / "attempts"
         self.checkpoint = self.root / "checkpoint"
+        self.cache = self.root / "cache"
         self.manifest_path = self.root / "manifest.json"
         self.allocation_path = self.root / "allocation.json"
         self.eval_path = self.root / "eval.json"
@@ -144,7 +146,7 @@ class WorkDir:
                     "or choose another --out / --work-dir."
                 )
             attempt = int(doc.get("attempts", 1)) + 1
-        for folder in (self.root, self.profiles, self.blocks, self.attempts, self.checkpoint):
+        for folder in (self.root, self.profiles, self.blocks, self.attempts, self.checkpoint, self.cache):
             folder.mkdir(exist_ok=True)
             remove_stale_temporaries(folder)
         atomic_write_json(self.manifest_path, {"format": _MANIFEST_FORMAT, "version": WORK_FORMAT_VERSION,
