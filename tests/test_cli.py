@@ -34,6 +34,13 @@ def test_compress_and_info(tiny_folder, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["achieved_ratio"] >= 0.3 and summary["cost"] == "blend" and summary["alpha"] == 0.3
     assert summary["grid"]["kss"] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    # The stage table: printed at the end and kept in runlog.json, one row per stage plus the total.
+    stages = ["load", "calibrate_profile", "allocate", "factorize", "eval_before", "eval_after", "save", "other", "total"]
+    assert "stages (this attempt):" in text and all(f"\n  {name} " in text for name in stages)
+    table = json.loads((out / "runlog.json").read_text())["stage_table"]
+    assert [r["stage"] for r in table] == stages
+    assert abs(sum(r["seconds"] for r in table[:-1]) - table[-1]["seconds"]) < 1e-6 and table[-1]["share"] == 1.0
+    assert all(r["peak_rss_bytes"] > 0 for r in table if r["stage"] != "other")
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "bytes C indices" in text and "params total" in text

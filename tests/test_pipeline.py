@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -122,3 +123,21 @@ def test_blockwise_perplexity_equals_full_forward(tiny_model_factory, tmp_path):
 
     assert abs(blockwise_perplexity(model, eval_ids, batch_size=2, replace=swap) - after) <= 1e-6 * after
     assert not any(isinstance(m, FactorizedLinear) for m in model.modules())  # swapped back
+
+
+def test_compress_options_validated_once_before_any_work(tmp_path):
+    """Every option is checked by CompressOptions.create, before a model is opened."""
+    from rocketkit.pipeline import CompressOptions
+
+    o = CompressOptions.create(ratio=0.3, out_dir=tmp_path / "o", cache_budget="2G", crs=[0.5], kss=[1])
+    assert o.cache_budget == 2 << 30 and o.crs == (0.5,) and o.kss == (1.0,) and o.alpha is None
+    with pytest.raises(TypeError, match="unknown compress options: ratioo"):
+        CompressOptions.create(ratioo=0.3, ratio=0.3, out_dir=tmp_path / "o")
+    for bad, message in [({"ratio": 1.5}, "ratio"), ({"buckets": 0}, "buckets"), ({"batch_size": True}, "batch_size"),
+                         ({"cache_budget": "much"}, "cache budget"), ({"method": "magic"}, "method"),
+                         ({"dtype": torch.int8}, "dtype"), ({"out_dir": None}, "out_dir")]:
+        kwargs = {"ratio": 0.3, "out_dir": tmp_path / "o", **bad}
+        with pytest.raises(ValueError, match=message):
+            CompressOptions.create(**kwargs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.ratio = 0.5

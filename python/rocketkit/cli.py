@@ -113,7 +113,7 @@ def _compress(args) -> int:
     import torch
 
     from rocketkit import profile as prof
-    from rocketkit.pipeline import compress, format_summary
+    from rocketkit.pipeline import compress, format_stage_table, format_summary
     from rocketkit.workdir import default_work_dir
 
     crs, kss = (prof.DEFAULT_CRS, prof.DEFAULT_KS) if args.grid == "full" else (prof.REDUCED_CRS, prof.REDUCED_KS)
@@ -141,6 +141,9 @@ def _compress(args) -> int:
     if summary.get("rank", 0) == 0:
         print("rocketkit compress: done")
         print(format_summary(summary))
+        if summary.get("stage_table"):
+            print("stages (this attempt):")
+            print(format_stage_table(summary["stage_table"]))
     return 0
 
 
