@@ -152,3 +152,19 @@ def test_bf16_model_grams_fp64():
     blocks = list(stream_blocks(model, ids, batch_size=BATCH, progress=False))
     assert all(g.H.dtype == torch.float64 for cb in blocks for g in cb.grams.values())
     assert_match_reference(blocks, ref)
+
+
+@pytest.mark.parametrize("d", [13, 1031])  # below and above SYRK_MIN_WIDTH: full GEMM, then one triangle by SYRK
+def test_gram_both_paths_match_fp64_reference(d):
+    from rocketkit.calibrate import SYRK_MIN_WIDTH
+
+    g = torch.Generator().manual_seed(d)
+    xs = [torch.randn(n, d, generator=g) * 3 for n in (5, 17)]
+    gram = Gram(torch.zeros(d, d, dtype=torch.float64))
+    assert gram.one_triangle == (d >= SYRK_MIN_WIDTH)
+    for x in xs:
+        gram.add(x)
+    gram.finalize()
+    ref = sum(x.double().T @ x.double() for x in xs)
+    assert torch.equal(gram.H, gram.H.T) and gram.tokens == 22
+    torch.testing.assert_close(gram.H, ref, rtol=1e-13, atol=1e-12 * float(ref.abs().max()))

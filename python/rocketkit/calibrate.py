@@ -26,17 +26,28 @@ from tqdm.auto import tqdm
 from rocketkit.models import block_linears, check_model_type, find_decoder_blocks, streaming_weights
 
 
+# From this input width on, the CPU accumulates one triangle by SYRK (OpenBLAS) instead of the full
+# product by GEMM (torch). Measured per 4096-token batch on the 2-core EPYC (benchmarks/bench_gram.py):
+# d = 1536 SYRK 0.58 s vs GEMM 1.10 s; d = 576 SYRK 0.35-0.45 s vs GEMM 0.15-0.18 s.
+SYRK_MIN_WIDTH = 1024
+
+
 @dataclass(eq=False)
 class Gram:
     """H = Σ xᵀx over finite tokens, in fp64. Tokens with any NaN/Inf are counted in ``skipped``.
 
-    On the CPU :meth:`add` updates H's upper triangle only (SYRK, half a GEMM's flops) and
-    :meth:`finalize` mirrors it, so H is exactly symmetric; on a GPU the full product is added and
-    finalize averages the two triangles."""
+    On the CPU, for inputs at least SYRK_MIN_WIDTH wide, :meth:`add` updates H's upper triangle
+    only (SYRK, half a GEMM's flops) and :meth:`finalize` mirrors it; otherwise the full product is
+    added and finalize averages the two triangles. Either way H ends exactly symmetric, and the
+    choice depends on the width alone, so runs are reproducible."""
 
     H: torch.Tensor
     tokens: int = 0
     skipped: int = 0
+
+    @property
+    def one_triangle(self) -> bool:
+        return self.H.device.type == "cpu" and self.H.shape[0] >= SYRK_MIN_WIDTH
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
@@ -48,7 +59,7 @@ class Gram:
         if n_ok:
             # bf16/fp32 products are exact in fp64; fp32 accumulation loses PSD on outlier channels.
             x = x.to(torch.float64)
-            if self.H.device.type == "cpu":
+            if self.one_triangle:
                 from rocketkit._native import gram_accumulate
 
                 gram_accumulate(self.H.numpy(), x.contiguous().numpy())
@@ -58,7 +69,7 @@ class Gram:
 
     def finalize(self) -> None:
         """Make H exactly symmetric once every batch is added."""
-        if self.H.device.type == "cpu":
+        if self.one_triangle:
             from rocketkit._native import gram_symmetrize
 
             gram_symmetrize(self.H.numpy())
