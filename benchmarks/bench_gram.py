@@ -3,7 +3,8 @@
 Speed, per calibration batch of SmolLM2's block input widths (576 for q/k/v, o and gate/up; 1536
 for down_proj), X fp32 activations as the forward produces them:
   - baseline: X cast to fp64, then a full GEMM ``H.addmm_(Xᵀ, X)`` (rocketkit before SYRK);
-  - rocketkit: X cast to fp64, SYRK on one triangle (``_native.gram_accumulate``);
+  - X cast to fp64, SYRK on one triangle (``_native.gram_accumulate``), and what rocketkit's
+    ``calibrate.Gram`` does: SYRK from ``SYRK_MIN_WIDTH`` on, the fp64 GEMM below;
   - fp32 GEMM per batch folded into an fp64 H (what the ROCKET reference does).
 
 Accuracy of the fp32 fold against fp64 accumulation:
@@ -49,6 +50,13 @@ def gram_fp64_syrk(H: torch.Tensor, x: torch.Tensor) -> None:
     gram_accumulate(H.numpy(), x.double().numpy())
 
 
+def gram_rocketkit(H: torch.Tensor, x: torch.Tensor) -> None:
+    """What calibration does: SYRK from SYRK_MIN_WIDTH on, the fp64 GEMM below it."""
+    from rocketkit.calibrate import Gram
+
+    Gram(H).add(x)
+
+
 def gram_fp32_fold(H: torch.Tensor, x: torch.Tensor) -> None:
     H.add_((x.T @ x).double())
 
@@ -64,14 +72,16 @@ def finished(H: torch.Tensor, how: str) -> torch.Tensor:
 
 def speed(batch: int, reps: int) -> None:
     print(f"speed: one batch of {batch} tokens (seconds; ratio = baseline / this)")
-    print(f"{'d':>6} {'fp64 GEMM (baseline)':>22} {'fp64 SYRK (rocketkit)':>22} {'ratio':>6} {'fp32 GEMM fold':>16} {'ratio':>6}")
+    print(f"{'d':>6} {'fp64 GEMM (baseline)':>22} {'fp64 SYRK':>10} {'ratio':>6} {'rocketkit':>10} {'ratio':>6} "
+          f"{'fp32 GEMM fold':>16} {'ratio':>6}")
     g = torch.Generator().manual_seed(0)
     for d in (576, 1536):
         x = torch.randn(batch, d, generator=g)
         t = {name: _timed(lambda f=f: f(torch.zeros(d, d, dtype=torch.float64), x), reps)
-             for name, f in (("gemm", gram_fp64_gemm), ("syrk", gram_fp64_syrk), ("fold", gram_fp32_fold))}
-        print(f"{d:>6} {t['gemm']:>22.4f} {t['syrk']:>22.4f} {t['gemm'] / t['syrk']:>5.2f}x {t['fold']:>16.4f} "
-              f"{t['gemm'] / t['fold']:>5.2f}x")
+             for name, f in (("gemm", gram_fp64_gemm), ("syrk", gram_fp64_syrk), ("rk", gram_rocketkit),
+                             ("fold", gram_fp32_fold))}
+        print(f"{d:>6} {t['gemm']:>22.4f} {t['syrk']:>10.4f} {t['gemm'] / t['syrk']:>5.2f}x {t['rk']:>10.4f} "
+              f"{t['gemm'] / t['rk']:>5.2f}x {t['fold']:>16.4f} {t['gemm'] / t['fold']:>5.2f}x")
 
 
 def outlier_case(n: int, d: int) -> None:
