@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rocketkit.allocate import Allocation, allocate, layer_options
+from rocketkit.allocate import (Allocation, LayerOptions, allocate, layer_options, rocket_filter,
+                                rocket_options)
 from rocketkit.profile import LayerProfile, Profile, candidate_grid
 
 SHAPES = [(64, 64), (64, 160), (160, 64), (37, 53), (53, 37), (96, 96), (7, 11)]
@@ -162,3 +163,120 @@ def test_json_roundtrip(prof, tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "rocketkit-allocation", "version": 7}')
     with pytest.raises(ValueError, match="version"):
         Allocation.load(tmp_path / "bad.json")
+
+
+# ---- faithful ROCKET (method="rocket") -------------------------------------------------------
+def _opts(cr, params, cost):
+    return LayerOptions(np.arange(len(cr), dtype=np.int64), np.asarray(params, dtype=np.int64),
+                        np.asarray(cost, dtype=np.float64), np.asarray(cr, dtype=np.float64))
+
+
+def test_rocket_filter_alpha_search_by_hand():
+    cr, p = [0.1, 0.2, 0.3], [90, 80, 70]
+    opts = [_opts(cr, p, [0.1, 0.2, 0.5]), _opts(cr, p, [0.2, 0.4, 0.6]), _opts(cr, p, [0.05, 0.25, 2.5])]
+    # Reference error at cr 0.2: (0.2 + 0.4 + 0.25) / 3. Until α·ref ≥ 0.4 the second layer can only
+    # offer 90 params and Σ of fewest params is 250 > 240; α = 1.5 is the first that reaches 0.4.
+    f = rocket_filter(opts, 0.2, 240)
+    assert f.reference_error == pytest.approx(0.85 / 3)
+    assert f.alpha == 1.5 and f.threshold == pytest.approx(1.5 * 0.85 / 3) and f.emptied == []
+    assert [k.tolist() for k in f.keep] == [[True, True, False], [True, True, False], [True, True, False]]
+    assert rocket_filter(opts, 0.2, 250).alpha == 1.0  # a looser budget is met at once
+    assert rocket_filter(opts, 0.2, 230).alpha == 1.8  # the first α with α·ref ≥ 0.5
+    with pytest.raises(ValueError, match=r"\[rocket_filter\] no alpha"):
+        rocket_filter(opts, 0.2, 229)  # 0.6 > 2·ref and 2.5 ≥ 2 are never offered: 230 is the least
+
+
+def test_rocket_filter_off_grid_target_and_emptied_layer():
+    cr, p = [0.1, 0.2, 0.3], [90, 80, 70]
+    opts = [_opts(cr, p, [0.1, 0.2, 0.4]), _opts(cr, p, [3.0, 2.5, 2.2])]
+    # 0.25 lies midway between 0.2 and 0.3: the tie goes to the lower cr.
+    assert rocket_filter(opts, 0.25, 10**6).reference_error == pytest.approx((0.2 + 2.5) / 2)
+    assert rocket_filter(opts, 0.26, 10**6).reference_error == pytest.approx((0.4 + 2.2) / 2)
+    # Every error of layer 1 is ≥ 2: it keeps its lowest-error option (never dense).
+    f = rocket_filter(opts, 0.26, 10**6)
+    assert f.emptied == [1] and f.keep[1].tolist() == [False, False, True]
+
+
+def _brute_force(options, budget):
+    import itertools
+
+    best = None
+    for pick in itertools.product(*[range(len(o.index)) for o in options]):
+        if sum(int(o.params[c]) for o, c in zip(options, pick)) <= budget:
+            e = sum(float(o.cost[c]) for o, c in zip(options, pick))
+            best = e if best is None or e < best else best
+    return best
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.37, 0.5])
+@pytest.mark.parametrize("cost", ["weight", "output"])
+def test_rocket_allocation(ratio, cost):
+    prof = synthetic_profile(seed=3)
+    a = allocate(prof, ratio, cost=cost, method="rocket", buckets=20000)
+    assert (a.method, a.power, a.weighting) == ("rocket", 1, None)
+    assert not any(d.dense for d in a.layers.values())  # never dense, even at 5%
+    assert a.params <= a.budget == int(np.floor((1 - ratio) * prof.dense_params()))
+    assert a.achieved_ratio >= ratio and a.objective == pytest.approx(sum(d.cost for d in a.layers.values()))
+    names = list(prof.layers)
+    options = [rocket_options(prof.layers[n], cost) for n in names]
+    assert all((o.index >= 0).all() and len(o.index) == len(np.unique(prof.layers[n].grid.cr))
+               for o, n in zip(options, names))
+    f = rocket_filter(options, ratio, a.budget)
+    assert a.meta["rocket"]["alpha"] == f.alpha
+    kept = [o.take(k) for o, k in zip(options, f.keep)]
+    for n, o in zip(names, kept):  # each choice is one of the filtered options
+        d = a.layers[n]
+        assert (d.k, d.s) in {(int(prof.layers[n].grid.k[i]), int(prof.layers[n].grid.s[i])) for i in o.index}
+    if len(names) <= 8:
+        assert a.objective == pytest.approx(_brute_force(kept, a.budget))
+
+
+def test_rocket_dp_is_exact_on_small_profile():
+    prof = synthetic_profile(seed=4)
+    prof = Profile({n: prof.layers[n] for n in list(prof.layers)[:6]}, prof.meta)
+    for ratio in (0.15, 0.3, 0.45):
+        a = allocate(prof, ratio, method="rocket", buckets=50000)
+        options = [rocket_options(lp) for lp in prof.layers.values()]
+        f = rocket_filter(options, ratio, a.budget)
+        assert a.objective == pytest.approx(_brute_force([o.take(k) for o, k in zip(options, f.keep)], a.budget))
+
+
+def test_rocket_json_roundtrip(tmp_path):
+    a = allocate(synthetic_profile(), 0.3, method="rocket", buckets=2000)
+    a.save(tmp_path / "allocation.json")
+    assert Allocation.load(tmp_path / "allocation.json") == a
+
+
+# ---- SVD-LLM baseline (method="svdllm") ------------------------------------------------------
+def test_svdllm_baseline(prof):
+    a = allocate(prof, 0.3, "weight", method="svdllm")
+    assert a.method == "svdllm" and a.lower_bound is None
+    for d in a.layers.values():
+        lp = prof.layers[d.name]
+        on = lp.grid.ks == 1.0
+        crs = np.unique(lp.grid.cr[on])
+        assert not d.dense and d.ks == 1.0 and d.s == d.k and d.cr == crs[np.argmin(np.abs(crs - 0.3))]
+    with pytest.raises(ValueError, match="no ks = 1"):
+        allocate(synthetic_profile(kss=(1.5, 2.0)), 0.3, method="svdllm")
+
+
+SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+
+
+@pytest.mark.parametrize("method", ["rocket", "svdllm", "uniform"])
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_achieved_ratio_on_smollm2_shapes(method, ratio):
+    """Within 0.002 of the target and never below it, with rocketkit's real parameter counts, on
+    SmolLM2-135M's 30 × 7 layer shapes (errors synthetic, growing with cr)."""
+    from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS
+
+    rng = np.random.default_rng(7)
+    layers = {}
+    for b in range(30):
+        for j, (d1, d2) in enumerate(SMOLLM2_SHAPES):
+            g = candidate_grid(d1, d2, DEFAULT_CRS, DEFAULT_KS)
+            e = np.sqrt(g.cr) * rng.uniform(0.3, 0.9) * (1 + 0.05 * np.abs(g.ks - rng.uniform(1, 3)))
+            name = f"model.layers.{b}.l{j}"
+            layers[name] = LayerProfile(name, d1, d2, g, e, e * 1.1, 0.0, 0, 100, 0)
+    a = allocate(Profile(layers, {"crs": list(DEFAULT_CRS), "kss": list(DEFAULT_KS)}), ratio, method=method)
+    assert ratio <= a.achieved_ratio <= ratio + 0.002

@@ -53,6 +53,27 @@ def test_compress_and_info(tiny_folder, tmp_path, capsys):
     assert rc == 2 and "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["rocket", "svdllm"])
+def test_compress_baseline_methods(method, tiny_folder, tmp_path, capsys):
+    """The baselines go through compress unchanged: recorded in summary.json and allocation.json,
+    applied exactly as profiled."""
+    out = tmp_path / "out"
+    rc = main(["compress", str(tiny_folder), "--ratio", "0.3", "--method", method, "--calib-tokens", "96",
+               "--seq-len", "32", "--grid", "reduced", "--out", str(out), "--no-progress", "--buckets", "5000"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert f"{method} allocation" in text
+    summary = json.loads((out / "summary.json").read_text())
+    allocation = json.loads((out / "allocation.json").read_text())
+    assert summary["method"] == allocation["method"] == method and summary["achieved_ratio"] >= 0.3
+    assert summary["max_profiled_vs_applied_error"] < 1e-6
+    layers = allocation["layers"]
+    if method == "rocket":
+        assert not any(d["dense"] for d in layers) and (allocation["power"], allocation["weighting"]) == (1, None)
+    else:
+        assert all(d["ks"] == 1.0 and d["s"] == d["k"] for d in layers)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -310,3 +310,20 @@ def test_rank_deficient_layer(d1, d2):
     for c, (k, s) in enumerate(cands):
         mw, mo = measured_errors(W, S, _native.factorize(W, S, k, s))
         assert abs(mw - ew[c]) < 1e-9 and abs(mo - eo[c]) < 1e-9
+
+
+@pytest.mark.parametrize("d1,d2", [(37, 53), (53, 37), (19, 19), (1, 7)])
+def test_unmasked_candidate_is_whitened_truncated_svd(d1, d2):
+    """s = k (the SVD-LLM baseline) is Ŵ = S⁻¹·[S·W]_k, [·]_k the best rank-k approximation."""
+    rng = np.random.default_rng(d1 * 3 + d2)
+    W, S = random_W(rng, d1, d2), random_S(rng, d1, outliers=2, scale=30.0)
+    Q, sig, Vt = np.linalg.svd(S @ W, full_matrices=False)
+    ks = list(range(1, min(d1, d2) + 1))
+    ew, eo = _native.whitened_errors(W, S, np.array([[k, k] for k in ks]))
+    for c, k in enumerate(ks):
+        ref = sla.solve_triangular(S, (Q[:, :k] * sig[:k]) @ Vt[:k], lower=False)
+        f = _native.factorize(W, S, k, k)
+        np.testing.assert_allclose(reconstruct(f, d2), ref, rtol=0, atol=1e-9 * np.abs(W).max())
+        ref_w = np.linalg.norm(W - ref) / np.linalg.norm(W)
+        ref_o = np.sqrt(max(np.sum(sig[k:] ** 2), 0.0)) / np.linalg.norm(sig)
+        assert abs(ew[c] - ref_w) < 1e-9 and abs(eo[c] - ref_o) < 1e-9

@@ -371,3 +371,24 @@ def test_cli_study(tiny_folder, tmp_path, capsys):
         assert "pip install lm-eval" in capsys.readouterr().err
         assert main(argv + ["--harness", "local"]) == 2
         assert "pip install lm-eval" in capsys.readouterr().err
+
+
+def test_baseline_rows(tokenizer, tmp_path):
+    """svdllm, rocket and rocket-actcost rows: each records its method, is applied as profiled, and
+    keeps to its rules (ks = 1 everywhere; no dense layer)."""
+    costs = ["weight", "svdllm", "rocket", "rocket-actcost"]
+    doc = run_study(_tiny(tokenizer, seed=3), [0.3], costs, [], out_dir=tmp_path / "o", tasks=[], plots=False,
+                    **{**SMALL, "crs": (0.1, 0.2, 0.3, 0.4, 0.5)})
+    runs = {r["label"]: r for r in doc["runs"]}
+    assert list(runs) == ["dense", "r0.3-weight", "r0.3-svdllm", "r0.3-rocket", "r0.3-rocket-actcost"]
+    expected = {"weight": ("mckp", "weight"), "svdllm": ("svdllm", "weight"), "rocket": ("rocket", "weight"),
+                "rocket-actcost": ("rocket", "output")}
+    for cost, (method, alloc_cost) in expected.items():
+        r = runs[f"r0.3-{cost}"]
+        a = Allocation.load(tmp_path / "o" / r["allocation"]["file"])
+        assert r["method"] == r["allocation"]["method"] == a.method == method and a.cost == alloc_cost
+        assert a.achieved_ratio >= 0.3 and r["max_profiled_vs_applied_error"] < 1e-6
+        if method == "svdllm":
+            assert all(d.ks == 1.0 and d.s == d.k and d.cr == 0.3 for d in a.layers.values())
+        if method == "rocket":
+            assert not any(d.dense for d in a.layers.values()) and "alpha" in a.meta["rocket"]

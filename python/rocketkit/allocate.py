@@ -1,8 +1,12 @@
 """Global allocation: one option per layer minimising the summed error within a parameter budget.
 
 Costs: "weight" (ROCKET: e_w), "output" (ROCKET-ActCost: e_o, which also picks each layer's best
-ks per cr by e_o), "blend" (α·e_w + (1−α)·e_o). "uniform" is the baseline that puts every layer at
-the grid cr nearest the target ratio (best ks by the chosen cost).
+ks per cr by e_o), "blend" (α·e_w + (1−α)·e_o).
+
+Methods: "mckp" is rocketkit's own knapsack (below); "rocket" is the reference's allocation, rule for
+rule (see :func:`rocket_filter` and :func:`allocate`), solved exactly by the same DP; "uniform" puts
+every layer at the grid cr nearest the target ratio (best ks by the chosen cost); "svdllm" is the
+SVD-LLM baseline, the same but at ks = 1 (s = k: whitened truncated SVD, no sparsity).
 
 The knapsack minimises Σ_l w_l · c_l^p over the layers' choices, c_l the layer's cost. The default,
 p = 2 with w_l = the layer's share of the dense parameters, is the squared relative error averaged
@@ -27,7 +31,12 @@ POWERS = (1, 2)
 DEFAULT_POWER = 2
 DEFAULT_WEIGHTING = "params"
 COSTS = ("weight", "output", "blend")
-METHODS = ("mckp", "uniform")
+METHODS = ("mckp", "uniform", "rocket", "svdllm")
+# The reference's error filter (mts-ai/ROCKET, rocket/profiling/postprocess.py): options with error
+# ≥ ROCKET_MAX_ERROR, or above α times the mean error at the target cr, are not offered; α is the
+# first of ROCKET_ALPHAS that leaves a feasible problem.
+ROCKET_ALPHAS = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))  # 1.0 .. 2.0
+ROCKET_MAX_ERROR = 2.0
 _CURVE_POINTS = 1000  # the error-vs-params curve stored in JSON is subsampled to this many points
 
 
@@ -73,17 +82,28 @@ class LayerOptions:
     index: np.ndarray  # int64
     params: np.ndarray  # int64
     cost: np.ndarray  # float64
+    cr: np.ndarray | None = None  # float64, the option's grid cr (0 for dense); set by rocket_options
+
+    def take(self, keep: np.ndarray) -> "LayerOptions":
+        return LayerOptions(self.index[keep], self.params[keep], self.cost[keep],
+                            None if self.cr is None else self.cr[keep])
+
+
+def best_ks_per_cr(lp: LayerProfile, c: np.ndarray) -> list[int]:
+    """Grid indices of the lowest-``c`` candidate at each cr, ascending cr (fewer params on ties)."""
+    g = lp.grid
+    chosen = []
+    for cr in np.unique(g.cr):
+        at = np.flatnonzero(g.cr == cr)
+        chosen.append(int(at[np.lexsort((g.params[at], c[at]))[0]]))
+    return chosen
 
 
 def layer_options(lp: LayerProfile, cost: str = "weight", alpha=None) -> LayerOptions:
     """Dense, the best ks at each cr by ``cost``, and the best candidate overall below dense; deduplicated."""
     c = candidate_cost(lp, cost, alpha)
     g = lp.grid
-    chosen = []
-    for cr in np.unique(g.cr):
-        at = np.flatnonzero(g.cr == cr)
-        # lexsort: lowest cost first, fewer params on ties.
-        chosen.append(int(at[np.lexsort((g.params[at], c[at]))[0]]))
+    chosen = best_ks_per_cr(lp, c)
     below = np.flatnonzero(g.params < lp.dense_params)
     if below.size:
         chosen.append(int(below[np.lexsort((g.params[below], c[below]))[0]]))
@@ -93,6 +113,66 @@ def layer_options(lp: LayerProfile, cost: str = "weight", alpha=None) -> LayerOp
         params=np.concatenate([[lp.dense_params], g.params[idx]]).astype(np.int64),
         cost=np.concatenate([[0.0], c[idx]]).astype(np.float64),
     )
+
+
+def rocket_options(lp: LayerProfile, cost: str = "weight", alpha=None) -> LayerOptions:
+    """ROCKET's options of a layer: the best ks at each cr by ``cost`` (≤ one per cr), never dense.
+
+    A layer with no candidate at all (``dense_reason``) can only stay dense, as under every method."""
+    c = candidate_cost(lp, cost, alpha)
+    g = lp.grid
+    if len(g) == 0:
+        return LayerOptions(np.array([-1], dtype=np.int64), np.array([lp.dense_params], dtype=np.int64),
+                            np.zeros(1), np.zeros(1))
+    idx = np.array(best_ks_per_cr(lp, c), dtype=np.int64)
+    return LayerOptions(idx, g.params[idx].astype(np.int64), c[idx].astype(np.float64), g.cr[idx].astype(np.float64))
+
+
+@dataclass
+class RocketFilter:
+    """What :func:`rocket_filter` kept: ``keep[l]`` masks layer l's options."""
+
+    alpha: float
+    reference_error: float  # mean over layers of the error at the option whose cr is nearest the target
+    threshold: float  # alpha · reference_error
+    keep: list  # list[np.ndarray[bool]]
+    emptied: list  # layers (positions) the filter emptied; each keeps its lowest-error option
+
+
+def rocket_filter(options: list[LayerOptions], ratio: float, budget: int, alphas=ROCKET_ALPHAS) -> RocketFilter:
+    """ROCKET's error filter and α search, on options from :func:`rocket_options`.
+
+    - reference error: the mean over layers of the error of each layer's option whose cr is nearest
+      ``ratio``; an off-grid target takes the nearer grid cr, a tie the lower cr (layers that can only
+      stay dense take no part);
+    - at α, an option is offered if its error is < 2 and ≤ α·reference error; a layer left with
+      nothing keeps its lowest-error option (fewer params on ties), never dense;
+    - α is the first of ``alphas`` whose offered options can meet ``budget`` (Σ of each layer's
+      fewest params ≤ budget). If none can, ValueError.
+    """
+    refs = []
+    for o in options:
+        if o.index[0] >= 0:
+            # Rounded so that a target midway between two crs is a tie whatever the float error.
+            refs.append(float(o.cost[np.lexsort((o.cr, np.round(np.abs(o.cr - ratio), 9)))[0]]))
+    reference = float(np.mean(refs)) if refs else 0.0
+    for a in alphas:
+        threshold = float(a) * reference
+        keep, emptied, fewest = [], [], 0
+        for l, o in enumerate(options):
+            k = (o.cost < ROCKET_MAX_ERROR) & (o.cost <= threshold)
+            if o.index[0] < 0:
+                k = np.ones(1, dtype=bool)
+            elif not k.any():
+                k = np.zeros(len(o.index), dtype=bool)
+                k[np.lexsort((o.params, o.cost))[0]] = True
+                emptied.append(l)
+            keep.append(k)
+            fewest += int(o.params[k].min())
+        if fewest <= budget:
+            return RocketFilter(float(a), reference, threshold, keep, emptied)
+    raise ValueError(f"[rocket_filter] no alpha in {alphas[0]:g}..{alphas[-1]:g} leaves options that fit the "
+                     f"budget of {budget} params at ratio {ratio:g}")
 
 
 @dataclass
@@ -211,7 +291,17 @@ def allocate(
     ``weighting="params"`` (default) makes w_l the layer's share of the dense parameters, None makes
     it 1; ``power`` is 2 (default) or 1 (ROCKET's plain sum with ``weighting=None``). Neither changes
     which ks is best at a cr. ``method="uniform"`` is the baseline: every layer at the grid cr
-    nearest ``ratio``.
+    nearest ``ratio``; ``"svdllm"`` the same at ks = 1 (the grid must hold ks = 1).
+
+    ``method="rocket"`` is the reference's allocation (mts-ai/ROCKET, rocket/profiling/postprocess.py
+    and rocket/compression/mckp.py): options from :func:`rocket_options` (no dense), filtered by
+    :func:`rocket_filter`, minimising the plain Σ cost (``weighting`` and ``power`` do not apply
+    and are recorded as None and 1). Where rocketkit departs from the reference: the budget and
+    each option's size are rocketkit's real counts (d1·k + s·d2 over the decoder linears, the same
+    budget as every method) rather than the nominal cr·numel over the decoder layers with their
+    norms, so the achieved ratio is never below ``ratio``; the DP is exact (errors not rounded to
+    1e-6, sizes rounded up, not to nearest); and a layer the filter empties keeps its lowest-error
+    compressed option, where the reference's solver could leave it dense.
     """
     ratio = check_ratio(ratio)
     a = check_cost(cost, alpha)
@@ -225,12 +315,25 @@ def allocate(
     dense = profile.dense_params()
     budget = int(math.floor((1.0 - ratio) * dense))
     names = list(profile.layers)
-    if method == "uniform":
-        choice, lower_bound, curve_p, curve_e = _uniform(profile, ratio, cost, alpha), None, [], []
+    meta = {}
+    if method == "rocket":  # the reference's plain Σ cost
+        power, weighting = 1, None
+        w = _weights(profile, None)
+    if method in ("uniform", "svdllm"):
+        choice = _uniform(profile, ratio, cost, alpha, ks=1.0 if method == "svdllm" else None)
+        lower_bound, curve_p, curve_e = None, [], []
     else:
         from rocketkit._native import solve_mckp
 
-        options = [layer_options(profile.layers[n], cost, alpha) for n in names]
+        if method == "rocket":
+            options = [rocket_options(profile.layers[n], cost, alpha) for n in names]
+            filt = rocket_filter(options, ratio, budget)
+            options = [o.take(k) for o, k in zip(options, filt.keep)]
+            meta["rocket"] = {"alpha": filt.alpha, "reference_error": filt.reference_error,
+                              "threshold": filt.threshold, "options": int(sum(len(o.index) for o in options)),
+                              "emptied_layers": [names[l] for l in filt.emptied]}
+        else:
+            options = [layer_options(profile.layers[n], cost, alpha) for n in names]
         sol = solve_mckp([o.cost ** power * w[n] for o, n in zip(options, names)], [o.params for o in options], budget, buckets)
         choice = {n: int(o.index[c]) for n, o, c in zip(names, options, sol.choice)}
         lower_bound = float(sol.lower_bound)
@@ -250,21 +353,26 @@ def allocate(
         weighting=weighting, budget=budget, dense_params=dense, params=params, achieved_ratio=(dense - params) / dense,
         objective=float(sum(d.cost ** power * w[n] for n, d in layers.items())), lower_bound=lower_bound,
         curve_params=curve_p, curve_error=curve_e, power=power,
-        meta={"buckets": int(buckets), "profile": {k: v for k, v in profile.meta.items() if k in ("crs", "kss", "model_type", "tokens")}},
+        meta={"buckets": int(buckets), "profile": {k: v for k, v in profile.meta.items() if k in ("crs", "kss", "model_type", "tokens")},
+              **meta},
     )
 
 
-def _uniform(profile: Profile, ratio: float, cost: str, alpha) -> dict[str, int]:
-    """Every layer at the grid cr nearest ``ratio`` (among the layer's feasible crs), best ks by cost."""
+def _uniform(profile: Profile, ratio: float, cost: str, alpha, ks: float | None = None) -> dict[str, int]:
+    """Every layer at the grid cr nearest ``ratio`` (among the layer's feasible crs), best ks by cost
+    (or the given ``ks``: a layer without that ks at any cr stays dense)."""
+    if ks is not None and not np.isclose(np.asarray(profile.kss, dtype=np.float64), ks).any():
+        raise ValueError(f"[allocate] the profile's grid has no ks = {ks:g} (its kss: {list(profile.kss)})")
     choice = {}
     for n, lp in profile.layers.items():
         g = lp.grid
-        if len(g) == 0:
+        on = np.ones(len(g), dtype=bool) if ks is None else np.isclose(g.ks, ks)
+        if not on.any():
             choice[n] = -1
             continue
-        crs = np.unique(g.cr)
+        crs = np.unique(g.cr[on])
         cr = crs[np.argmin(np.abs(crs - ratio))]
-        at = np.flatnonzero(g.cr == cr)
+        at = np.flatnonzero((g.cr == cr) & on)
         c = candidate_cost(lp, cost, alpha)
         choice[n] = int(at[np.lexsort((g.params[at], c[at]))[0]])
     return choice

@@ -53,12 +53,83 @@ def _measured_errors(W: torch.Tensor, S_upper: torch.Tensor, U: torch.Tensor, C:
     return (er / nw if nw > 0 else 0.0, eo / no if no > 0 else 0.0)
 
 
-def factorize_block(cb, decisions: dict, free_grams: bool = False) -> dict[str, tuple[FactorizedLinear, AppliedLayer]]:
+def _solve_spd_or_lstsq(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """X minimising ‖A·X − B‖ for one system, given G = AᵀA and R = AᵀB: Cholesky of G, or (G
+    singular) the minimum-norm least-squares solution."""
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        return torch.cholesky_solve(R, L)
+    return torch.linalg.lstsq(A, B, driver="gelsd").solution
+
+
+def refine_factors(W, S, U, values, indices, iterations: int = 1, column_chunk: int = 128):
+    """Closed-form refinement of a factorization with its mask fixed (opt-in, after allocation).
+
+    Each iteration refits every column of C on its kept rows by least squares with the whitened
+    dictionary D = S·U fixed, then D by least squares with C fixed. Each half-step minimises
+    ‖S(W − U·C)‖_F over its own variables, so the whitened error never increases; the weight-space
+    error may. ``W`` (d1, d2), ``S`` (d1, d1, upper read), ``U`` (d1, k), ``values``/``indices``
+    (s, d2) as from ``rocketkit.factorize``. Returns (U, values, history): fp64 NumPy arrays and the
+    relative whitened error before and after every half-step (2·iterations + 1 values).
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"[refine_factors] iterations must be an integer >= 1, got {iterations!r}")
+    f64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))
+    Su, W = torch.triu(f64(S)), f64(W)
+    WL = Su @ W
+    U, vals = f64(U), f64(values).clone()
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    s, d2 = vals.shape
+    k = U.shape[1]
+    if U.shape[0] != W.shape[0] or idx.shape != vals.shape or W.shape[1] != d2:
+        raise ValueError(f"[refine_factors] shapes do not match: W {tuple(W.shape)}, U {tuple(U.shape)}, "
+                         f"values {tuple(vals.shape)}, indices {tuple(idx.shape)}")
+    D = Su @ U
+    norm = float(torch.linalg.norm(WL)) or 1.0
+
+    def dense(v):
+        C = torch.zeros(k, d2, dtype=torch.float64)
+        return C.scatter_(0, idx, v)
+
+    def err(C):
+        return float(torch.linalg.norm(WL - D @ C)) / norm
+
+    history = [err(dense(vals))]
+    for _ in range(iterations):
+        G, B = D.T @ D, D.T @ WL
+        for j0 in range(0, d2, column_chunk):
+            J = torch.arange(j0, min(d2, j0 + column_chunk))
+            rows = idx[:, J].T  # (n, s)
+            Gs = G[rows[:, :, None], rows[:, None, :]]
+            Rs = torch.gather(B[:, J].T, 1, rows).unsqueeze(-1)
+            L, info = torch.linalg.cholesky_ex(Gs)
+            sol = torch.cholesky_solve(Rs, L).squeeze(-1)
+            for t in torch.nonzero(info).flatten().tolist():  # a singular D_S: min-norm least squares
+                j = int(J[t])
+                sol[t] = torch.linalg.lstsq(D[:, rows[t]], WL[:, j:j + 1], driver="gelsd").solution.squeeze(-1)
+            vals[:, J] = sol.T
+        C = dense(vals)
+        history.append(err(C))
+        D = _solve_spd_or_lstsq(C.T, WL.T, C @ C.T, C @ WL.T).T
+        history.append(err(C))
+    U = torch.linalg.solve_triangular(Su, D, upper=True)
+    # Balance by a power of two (max|U| ≈ max|C|), as factorize does, for fp16 storage.
+    mu, mc = float(U.abs().max()), float(vals.abs().max())
+    if mu > 0 and mc > 0:
+        scale = 2.0 ** round(np.log2(mc / mu) / 2)
+        U, vals = U * scale, vals / scale
+    return U.numpy(), vals.numpy(), history
+
+
+def factorize_block(cb, decisions: dict, free_grams: bool = False,
+                    refine: int = 0) -> dict[str, tuple[FactorizedLinear, AppliedLayer]]:
     """Factorize the linears of one calibrated block (``calibrate.CalibratedBlock``) named in
     ``decisions`` (name relative to the block -> a non-dense ``allocate.LayerDecision``).
 
     Distinct Grams are whitened one at a time, each once (``free_grams=True`` also drops each Gram
-    after use); every layer's errors are measured by explicit reconstruction. Returns rel ->
+    after use); ``refine`` > 0 runs that many :func:`refine_factors` iterations on each layer, so the
+    applied errors differ from the profiled ones (the allocation keeps those). Every layer's errors
+    are measured by explicit reconstruction. Returns rel ->
     (FactorizedLinear in the layer's dtype and device, AppliedLayer) in the block's module order;
     the block itself is not modified."""
     from rocketkit.profile import gram_groups
@@ -75,13 +146,15 @@ def factorize_block(cb, decisions: dict, free_grams: bool = False) -> dict[str, 
 
     groups = [(whitening_of(gram), rels)
               for gram, rels in gram_groups(cb.grams, [rel for rel in cb.linears if rel in decisions])]
-    return factorize_groups(cb.name, cb.linears, decisions, groups)
+    return factorize_groups(cb.name, cb.linears, decisions, groups, refine=refine)
 
 
-def factorize_groups(name: str, linears: dict, decisions: dict, groups) -> dict[str, tuple[FactorizedLinear, AppliedLayer]]:
+def factorize_groups(name: str, linears: dict, decisions: dict, groups,
+                     refine: int = 0) -> dict[str, tuple[FactorizedLinear, AppliedLayer]]:
     """The factorizations of block ``name``'s ``linears`` (rel -> nn.Linear) named in ``decisions``.
     ``groups`` lists (whitening, rels): ``whitening()`` returns the ``whiten.Whitening`` that the
-    linears ``rels`` share (from their Gram, or from pass 1's cache); one is alive at a time."""
+    linears ``rels`` share (from their Gram, or from pass 1's cache); one is alive at a time.
+    ``refine`` as in :func:`factorize_block`."""
     from rocketkit._native import factorize
     from rocketkit.profile import weight_f64
 
@@ -103,12 +176,15 @@ def factorize_groups(name: str, linears: dict, decisions: dict, groups) -> dict[
             lin = linears[rel]
             W = weight_f64(lin)
             f = factorize(W, S, d.k, d.s)
-            e_w, e_o = _measured_errors(torch.from_numpy(W), wh.S, torch.from_numpy(f.U),
-                                        torch.from_numpy(dense_C(f.values, f.indices, d.k)))
+            U, values = f.U, f.values
+            if refine:
+                U, values, _ = refine_factors(W, S, U, values, f.indices, iterations=refine)
+            e_w, e_o = _measured_errors(torch.from_numpy(W), wh.S, torch.from_numpy(U),
+                                        torch.from_numpy(dense_C(values, f.indices, d.k)))
             del W
             bias = lin.bias.detach() if lin.bias is not None else None
             new = FactorizedLinear.from_factors(
-                f.U, f.values, f.indices, bias=bias, dtype=lin.weight.dtype, device=lin.weight.device
+                U, values, f.indices, bias=bias, dtype=lin.weight.dtype, device=lin.weight.device
             )
             new.train(lin.training)
             out[rel] = (new, AppliedLayer(f"{name}.{rel}", d.k, d.s, e_w, e_o, float(f.ridge), float(wh.jitter)))
@@ -132,8 +208,12 @@ def apply_allocation(
     batch_size: int = 8,
     device="cpu",
     progress: bool = True,
+    refine: int = 0,
 ) -> dict[str, AppliedLayer]:
-    """Factorize every non-dense layer of ``allocation`` in place; returns the measured errors per layer."""
+    """Factorize every non-dense layer of ``allocation`` in place; returns the measured (applied)
+    errors per layer. ``refine`` > 0 (opt-in) refines each layer after allocation (see
+    :func:`refine_factors`): the applied errors returned are then lower than the profiled ones in
+    ``allocation``, which stay as the allocator saw them."""
     from tqdm.auto import tqdm
 
     from rocketkit.calibrate import stream_blocks
@@ -153,7 +233,7 @@ def apply_allocation(
             mine = {rel: todo[f"{cb.name}.{rel}"] for rel in cb.linears if f"{cb.name}.{rel}" in todo}
             if not mine:
                 continue
-            for rel, (new, a) in factorize_block(cb, mine).items():
+            for rel, (new, a) in factorize_block(cb, mine, refine=refine).items():
                 _set_submodule(cb.block, rel, new)
                 applied[a.name] = a
                 bar.update(1)

@@ -18,7 +18,8 @@ def _float_list(text: str) -> list[float]:
 
 def _objective_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", choices=("none", "params"), default="params",
-                   help="knapsack weight of a layer's error: its share of the parameters (default) or 1")
+                   help="knapsack weight of a layer's error: its share of the parameters (default) or 1 "
+                        "(method mckp only)")
     p.add_argument("--power", type=int, choices=(1, 2), default=2,
                    help="knapsack objective: sum of weight*cost**power (default 2; 1 with --weighting none is "
                         "ROCKET's plain sum of errors)")
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cost", choices=("weight", "output", "blend"), default="weight",
                    help="allocation cost: weight (ROCKET), output (ROCKET-ActCost), blend (needs --alpha)")
     c.add_argument("--alpha", type=float, default=None, help="blend weight: alpha*e_w + (1-alpha)*e_o")
-    c.add_argument("--method", choices=("mckp", "uniform"), default="mckp", help="global knapsack or uniform baseline")
+    c.add_argument("--method", choices=("mckp", "rocket", "uniform", "svdllm"), default="mckp",
+                   help="mckp: rocketkit's knapsack (default); rocket: the reference ROCKET's allocation (its "
+                        "options, error filter and plain sum; --weighting/--power do not apply); uniform: every "
+                        "layer at the target cr; svdllm: the same at ks=1 (whitened truncated SVD)")
     _objective_args(c)
     c.add_argument("--calib-tokens", type=int, default=131072)
     c.add_argument("--seq-len", type=int, default=512)
@@ -67,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="compare allocation costs (weight, output, blends, uniform): accuracy, PPL, analysis, plots")
     st.add_argument("model", help="a local HF folder, a .gguf file, or the alias 'smollm2'")
     st.add_argument("--ratios", type=_float_list, required=True, help="comma-separated fractions removed, e.g. 0.2,0.5")
-    st.add_argument("--costs", default="weight,output,uniform", help="comma-separated, among weight, output, uniform")
+    st.add_argument("--costs", default="weight,output,uniform",
+                    help="comma-separated, among weight, output (rocketkit's knapsack) and the baselines uniform, "
+                         "svdllm, rocket, rocket-actcost (the reference's allocation with e_w / e_o)")
     st.add_argument("--alphas", type=_float_list, default=[], help="blend runs alpha*e_w + (1-alpha)*e_o, e.g. 0,0.25,0.5,0.75,1")
     st.add_argument("--out", required=True, help="output folder; an unfinished study with the same settings resumes")
     st.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")

@@ -53,8 +53,15 @@ from rocketkit.allocate import (DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, ch
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, Profile
 
 STUDY_FORMAT_VERSION = 1
-STUDY_COSTS = ("weight", "output", "uniform")
-DEFAULT_STUDY_COSTS = STUDY_COSTS
+# Baseline rows: (allocation cost, method). "rocket" and "rocket-actcost" are the reference's own
+# allocation with e_w and e_o (allocate's method "rocket"); "svdllm" is whitened truncated SVD at the
+# target cr in every layer. uniform and svdllm pick ks by the weight cost (svdllm has only ks = 1).
+BASELINES = {"uniform": ("weight", "uniform"), "svdllm": ("weight", "svdllm"),
+             "rocket": ("weight", "rocket"), "rocket-actcost": ("output", "rocket")}
+STUDY_COSTS = ("weight", "output", *BASELINES)
+DEFAULT_STUDY_COSTS = ("weight", "output", "uniform")
+# The share of e_w in each row's cost (for ρ(cost, e_w) and the trade-off plot); blends carry their own.
+_COST_ALPHA = {"weight": 1.0, "output": 0.0, "rocket": 1.0, "rocket-actcost": 0.0}
 # A study evaluates many models; these defaults keep one SmolLM2-sized run to minutes on a CPU.
 DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_EVAL_TOKENS = 16384
@@ -65,7 +72,8 @@ DEFAULT_EVAL_TOKENS = 16384
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One row of the study: ``cost`` is "dense" (the reference), weight, output, blend or uniform."""
+    """One row of the study: ``cost`` is "dense" (the reference), weight, output, blend, or a baseline
+    (uniform, svdllm, rocket, rocket-actcost)."""
 
     cost: str
     ratio: float | None = None
@@ -83,14 +91,15 @@ class RunSpec:
         return f"blend α={self.alpha:g}" if self.cost == "blend" else self.cost
 
     def allocate_kwargs(self) -> dict:
-        if self.cost == "uniform":
-            # The uniform baseline picks each layer's best ks by the ROCKET default cost.
-            return {"cost": "weight", "alpha": None, "method": "uniform"}
+        if self.cost in BASELINES:
+            cost, method = BASELINES[self.cost]
+            return {"cost": cost, "alpha": None, "method": method}
         return {"cost": self.cost, "alpha": self.alpha, "method": "mckp"}
 
 
 def study_runs(ratios: Sequence[float], costs: Sequence[str], alphas: Sequence[float]) -> list[RunSpec]:
-    """The dense reference, then per ratio: weight, output, blends (descending α), uniform (as requested)."""
+    """The dense reference, then per ratio: weight, output, blends (descending α), then the baselines
+    uniform, svdllm, rocket, rocket-actcost (as requested)."""
     runs = [RunSpec("dense")]
     for ratio in ratios:
         if "weight" in costs:
@@ -98,8 +107,7 @@ def study_runs(ratios: Sequence[float], costs: Sequence[str], alphas: Sequence[f
         if "output" in costs:
             runs.append(RunSpec("output", ratio))
         runs.extend(RunSpec("blend", ratio, a) for a in sorted(alphas, reverse=True))
-        if "uniform" in costs:
-            runs.append(RunSpec("uniform", ratio))
+        runs.extend(RunSpec(b, ratio) for b in BASELINES if b in costs)
     return runs
 
 
@@ -288,7 +296,7 @@ def analyse(profile: Profile, runs: Sequence[dict], allocations: dict[str, Alloc
     curves = {}
     for r in runs:
         a = allocations.get(r["label"])
-        if a is not None and a.method == "mckp":
+        if a is not None and a.method in ("mckp", "rocket"):
             curves[r["label"]] = {"cost": a.cost, "alpha": a.alpha, "ratio": a.ratio,
                                   "params": list(a.curve_params), "error": list(a.curve_error)}
     return {
@@ -705,8 +713,8 @@ def _annotate(records: list[dict], allocations: dict[str, Allocation], profile: 
         own = allocations.get(r["label"])
         if w is not None and own is not None:
             r["layers_differing_from_weight"] = allocation_differences(w, own)
-        if r["cost"] in ("weight", "output", "blend"):
-            alpha = {"weight": 1.0, "output": 0.0}.get(r["cost"], r["alpha"])
+        if r["cost"] in (*_COST_ALPHA, "blend"):
+            alpha = _COST_ALPHA.get(r["cost"], r["alpha"])
             if alpha == 1.0:
                 r["spearman_vs_weight"] = 1.0
                 continue
@@ -754,7 +762,7 @@ def write_plots(out_dir: Path, profile: Profile, records: list[dict], allocation
     widest: dict[str, Allocation] = {}
     for r in records:
         a = allocations.get(r["label"])
-        if a is None or a.method != "mckp":
+        if a is None or a.method not in ("mckp", "rocket"):
             continue
         name = _row_name(r)
         if name not in widest or a.budget > widest[name].budget:
@@ -770,10 +778,10 @@ def write_plots(out_dir: Path, profile: Profile, records: list[dict], allocation
         point = (r["average_accuracy"], r["ppl"])
         if r["cost"] == "dense":
             references["dense"] = point
-        elif r["cost"] == "uniform":
-            references[f"uniform {r['ratio']:.0%}"] = point
+        elif r["cost"] in BASELINES:
+            references[f"{r['cost']} {r['ratio']:.0%}"] = point
         else:
-            alpha = {"weight": 1.0, "output": 0.0}.get(r["cost"], r["alpha"])
+            alpha = _COST_ALPHA.get(r["cost"], r["alpha"])
             series.setdefault(f"{r['ratio']:.0%} removed", []).append((alpha, *point))
     if series:
         put("alpha_tradeoff.png", plots.alpha_tradeoff(series, references, "trade-off between the two costs"))
