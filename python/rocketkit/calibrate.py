@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rocketkit.models import block_linears, check_model_type, find_decoder_blocks, streaming_weights
+from rocketkit.models import block_linears, streaming_weights, walk_model
 
 
 @dataclass(eq=False)
@@ -146,18 +146,14 @@ class BlockStream:
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, device="cpu"):
-        config = getattr(model, "config", None)
-        if config is not None:
-            check_model_type(config)
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be (n_seq, seq_len) with n_seq >= 1, got {tuple(input_ids.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
-        self.path, self.blocks = find_decoder_blocks(model)
+        walk = walk_model(model)  # fails before any work
+        self.path, self.blocks = walk.prefix, walk.blocks
         self.streaming = streaming_weights(model)
-        for block in self.blocks:  # fail before any work
-            block_linears(block)
         self._was_training = model.training
         model.eval()
         try:
@@ -167,6 +163,7 @@ class BlockStream:
             model.train(self._was_training)
             raise
         self.next_index = 0
+        self.returns_tuple = False  # whether a block returns (hidden, ...) (older code) or the tensor
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -207,16 +204,21 @@ class BlockStream:
             for b, x in enumerate(self.hidden):
                 seen.clear()
                 args, kwargs = self.calls[b][i]
-                outputs.append(_block_output(block(x, *args, **kwargs)))
+                out = block(x, *args, **kwargs)
+                self.returns_tuple = isinstance(out, (tuple, list))
+                outputs.append(_block_output(out))
                 if on_batch is not None:
                     on_batch()
             seen.clear()
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in wanted if n not in grams]
-        if missing:
-            raise RuntimeError(f"{self.path}.{i}: linears never called during calibration: {missing}")
+        for n in wanted:
+            if n not in grams:
+                # Never called (an MoE expert no calibration token was routed to): an empty Gram, so
+                # the profile keeps the layer dense and says why.
+                lin = wanted[n]
+                grams[n] = Gram(torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=lin.weight.device))
         for gram in {id(g): g for g in grams.values()}.values():
             # addmm's two triangles may differ in the last bit; consumers factor a symmetric H.
             gram.H = (gram.H + gram.H.T).mul_(0.5)

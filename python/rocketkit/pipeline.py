@@ -91,14 +91,11 @@ def blockwise_perplexity(model, input_ids, batch_size: int = 4, device="cpu", re
 
     from rocketkit.calibrate import BlockStream
     from rocketkit.apply import _set_submodule
+    from rocketkit.models import logits_after_blocks
 
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (n_seq, seq_len) with seq_len >= 2, got {tuple(input_ids.shape)}")
     stream = BlockStream(model, input_ids, batch_size=batch_size, device=device)
-    parent = model.get_submodule(stream.path.rpartition(".")[0])
-    norm, lm_head = getattr(parent, "norm", None), model.get_output_embeddings()
-    if norm is None or lm_head is None:
-        raise ValueError(f"{type(model).__name__}: no final norm / output embedding to compute logits with")
     try:
         for i in tqdm(range(len(stream)), desc=desc, unit="block", disable=not progress):
             originals = {}
@@ -117,7 +114,7 @@ def blockwise_perplexity(model, input_ids, batch_size: int = 4, device="cpu", re
         total, count = 0.0, 0
         for b, hidden in enumerate(stream.hidden):
             batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
-            logits = lm_head(norm(hidden))
+            logits = logits_after_blocks(model, stream.blocks, batch, hidden, stream.returns_tuple)
             targets = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
@@ -147,7 +144,7 @@ class _CompressRun:
     # ---------------------------------------------------------------- setup
 
     def open_model(self) -> None:
-        from rocketkit.models import LoadedModel, find_decoder_blocks, open_streaming
+        from rocketkit.models import LoadedModel, open_streaming
         from rocketkit.workdir import model_folder_fingerprint, model_memory_fingerprint
 
         t = time.perf_counter()
@@ -162,10 +159,10 @@ class _CompressRun:
                                     trust_remote_code=self.o["trust_remote_code"])
             self.spec_name, self.source_folder, self.in_memory = str(spec), Path(loaded.source), False
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        from rocketkit.models import check_model_type
+        from rocketkit.models import walk_model
 
-        check_model_type(self.model.config)
-        self.prefix, self.blocks = find_decoder_blocks(self.model)
+        self.walk = walk_model(self.model)
+        self.prefix, self.blocks = self.walk.prefix, self.walk.blocks
         self.n_blocks = len(self.blocks)
         floats = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
         self.dtype = floats[0] if floats else torch.float32
@@ -442,6 +439,7 @@ class _CompressRun:
         from rocketkit.apply import AppliedLayer
         from rocketkit.checkpoint import checkpoint_info, rocketkit_section
         from rocketkit.fileio import atomic_write_json
+        from rocketkit.models import not_compressed
         from rocketkit.shards import (non_block_tensors, write_config, write_generation_config, write_index,
                                       write_shard, write_tokenizer)
 
@@ -480,6 +478,7 @@ class _CompressRun:
                 "compressible_params_before": a.dense_params, "compressible_params_after": a.params,
                 "params_before": params_before, "params_after": params_after,
                 "layers": len(a.layers), "factorized_layers": len(applied),
+                **not_compressed(self.walk, profile),
                 "objective": a.objective, "lower_bound": a.lower_bound,
                 "max_profiled_vs_applied_error": max_diff,
                 "calib_tokens": int(self.calib_ids.numel()),
@@ -648,6 +647,8 @@ def compress(
 
 def format_summary(summary: dict) -> str:
     """A short human-readable table of a :func:`compress` summary."""
+    from rocketkit.models import not_compressed_rows
+
     b = summary["bytes"]
     mib = 1024 * 1024
     rows = [
@@ -659,6 +660,7 @@ def format_summary(summary: dict) -> str:
         ("linear params before / after", f"{summary['compressible_params_before']:,} / {summary['compressible_params_after']:,}"),
         ("model params before / after", f"{summary['params_before']:,} / {summary['params_after']:,}"),
         ("layers factorized", f"{summary['factorized_layers']} / {summary['layers']}"),
+        *not_compressed_rows(summary),
         ("objective / lower bound", f"{summary['objective']:.6g} / "
          + (f"{summary['lower_bound']:.6g}" if summary["lower_bound"] is not None else "-")),
         ("max |profiled - applied| err", f"{summary['max_profiled_vs_applied_error']:.2e}"),
