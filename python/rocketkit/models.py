@@ -63,7 +63,8 @@ def check_architecture(config, trust_remote_code: bool = False) -> None:
     if model_type not in causal_lm_model_types() and not remote:
         raise ValueError(f"[check_architecture] model_type {model_type!r} has no causal-LM class in the installed "
                          "transformers (AutoModelForCausalLM)")
-    with init_empty_weights(include_buffers=False):
+    # Buffers on meta too: some default-sized configs build rotary caches of tens of GB.
+    with init_empty_weights(include_buffers=True):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     walk_model(skeleton)
 
@@ -166,21 +167,20 @@ def load_model(
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder blocks: the ModuleList of same-type blocks holding
-    the most parameters (``model.layers`` for Llama-like models). Linear layers are not required, so
-    the walk also works on a model whose linears were already replaced. That the model calls these
-    blocks in order, once each per forward, is checked by the first calibration forward."""
+    """(qualified name, ModuleList) of the decoder blocks: the ModuleList holding the most parameters
+    (``model.layers`` for Llama-like models). Its blocks may differ in type (hybrid models alternate
+    attention and state-space blocks). Linear layers are not required, so the walk also works on a
+    model whose linears were already replaced. That the model calls these blocks in order, once each
+    per forward, is checked by the first calibration forward."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > 0 and (best is None or size > best[0]):
             best = (size, name, module)
     if best is None:
-        raise ValueError(f"no decoder blocks found in {type(model).__name__} (no ModuleList of same-type blocks with parameters)")
+        raise ValueError(f"[find_decoder_blocks] no decoder blocks found in {type(model).__name__} (no ModuleList with parameters)")
     return best[1], best[2]
 
 
@@ -270,18 +270,19 @@ def walk_model(model: nn.Module) -> ModelWalk:
 
 
 def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
-                        hidden: torch.Tensor, returns_tuple: bool = False) -> torch.Tensor:
+                        hidden: torch.Tensor, output_arity: int | None = None) -> torch.Tensor:
     """The model's logits given ``hidden``, the last decoder block's output for ``input_ids``: the
     model's own forward runs with its blocks replaced by pass-throughs that hand back ``hidden``, so
     whatever follows the blocks (final norm of any name, logit scaling or soft-capping) is the
-    family's own code. The blocks' weights are not touched (they may be on meta). ``returns_tuple``:
-    the blocks return (hidden, ...) as older code does (Falcon), not the tensor."""
+    family's own code. The blocks' weights are not touched (they may be on meta). ``output_arity``:
+    what a block returns (``calibrate.block_output_like``; ``BlockStream.output_arity``)."""
+    from rocketkit.calibrate import block_output_like
 
     def first(hidden_states, *args, **kwargs):
-        return (hidden,) if returns_tuple else hidden
+        return block_output_like(output_arity, hidden)
 
     def passthrough(hidden_states, *args, **kwargs):
-        return (hidden_states,) if returns_tuple else hidden_states
+        return block_output_like(output_arity, hidden_states)
 
     for i, block in enumerate(blocks):
         block.forward = first if i == 0 else passthrough

@@ -114,7 +114,7 @@ def blockwise_perplexity(model, input_ids, batch_size: int = 4, device="cpu", re
         total, count = 0.0, 0
         for b, hidden in enumerate(stream.hidden):
             batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
-            logits = logits_after_blocks(model, stream.blocks, batch, hidden, stream.returns_tuple)
+            logits = logits_after_blocks(model, stream.blocks, batch, hidden, stream.output_arity)
             targets = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
