@@ -8,7 +8,7 @@ may replace its modules. Only one block's Grams exist at a time.
 
 A model from ``models.open_streaming`` keeps its blocks on the meta device: each block is
 materialized just before it runs and released when the consumer asks for the next one, so only
-one block's weights exist at a time too. The capture pass never runs a block (recorders stand in).
+one block's weights exist at a time too. The capture pass runs only block 0, once (recorders stand in).
 
 ``BlockStream`` is the explicit form the pipeline uses: it runs block i when asked, with Grams only
 for the linears asked for (none for a block another rank owns or a resumed run already did).
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rocketkit.models import block_linears, check_model_type, find_decoder_blocks, streaming_weights
+from rocketkit.models import block_linears, streaming_weights, walk_model
 
 
 # From this input width on, the CPU accumulates one triangle by SYRK (OpenBLAS) instead of the full
@@ -96,22 +96,35 @@ def _block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def block_output_like(arity: int | None, hidden_states: torch.Tensor):
+    """What a block of this model returns, with ``hidden_states`` in it: the tensor itself (arity
+    None, transformers 5) or a tuple headed by it (older code, hybrid models: ``h, attn = layer(...)``)."""
+    return hidden_states if arity is None else (hidden_states,) + (None,) * (arity - 1)
+
+
 def _capture_block_inputs(model, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device):
     """Per batch: block 0's hidden states, and per block the (args, kwargs) the model passes it
-    besides the hidden states. Each block's forward is swapped for a recorder, so nothing after
-    the embedding is computed; the last recorder stops the model's forward."""
+    besides the hidden states; and the arity of a block's output (see :func:`block_output_like`).
+    Each block's forward is swapped for a recorder, so nothing after the embedding is computed
+    (block 0 runs once, on the first batch, to learn what a block returns: the model's loop unpacks
+    it); the last recorder stops the model's forward."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = []  # [batch][block]
     current: list[tuple[tuple, dict]] = []
+    arity: list[int | None] = []
 
     def recorder(i):
         def forward(hidden_states, *args, **kwargs):
             if i == 0:
                 hidden.append(hidden_states)
+                if not arity:
+                    out = type(blocks[0]).forward(blocks[0], hidden_states, *args, **kwargs)
+                    arity.append(len(out) if isinstance(out, (tuple, list)) else None)
+                    del out
             current.append((args, kwargs))
             if i == len(blocks) - 1:
                 raise _StopForward
-            return hidden_states
+            return block_output_like(arity[0], hidden_states)
 
         return forward
 
@@ -131,7 +144,7 @@ def _capture_block_inputs(model, blocks: nn.ModuleList, input_ids: torch.Tensor,
     finally:
         for block in blocks:
             del block.forward  # back to the class's forward
-    return hidden, calls
+    return hidden, calls, arity[0] if arity else None
 
 
 def _gram_hooks(linears: dict[str, nn.Linear], grams: dict[str, Gram], seen: dict):
@@ -176,23 +189,22 @@ class BlockStream:
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, device="cpu"):
-        config = getattr(model, "config", None)
-        if config is not None:
-            check_model_type(config)
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be (n_seq, seq_len) with n_seq >= 1, got {tuple(input_ids.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
-        self.path, self.blocks = find_decoder_blocks(model)
+        walk = walk_model(model)  # fails before any work
+        self.path, self.blocks = walk.prefix, walk.blocks
         self.streaming = streaming_weights(model)
-        for block in self.blocks:  # fail before any work
-            block_linears(block)
         self._was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                self.hidden, self.calls = _capture_block_inputs(model, self.blocks, input_ids, batch_size, device)
+                if self.streaming is not None:
+                    self.streaming.materialize_block(0)  # the capture runs block 0 once
+                self.hidden, self.calls, self.output_arity = _capture_block_inputs(
+                    model, self.blocks, input_ids, batch_size, device)
         except BaseException:
             model.train(self._was_training)
             raise
@@ -244,9 +256,12 @@ class BlockStream:
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in wanted if n not in grams]
-        if missing:
-            raise RuntimeError(f"{self.path}.{i}: linears never called during calibration: {missing}")
+        for n in wanted:
+            if n not in grams:
+                # Never called (an MoE expert no calibration token was routed to): an empty Gram, so
+                # the profile keeps the layer dense and says why.
+                lin = wanted[n]
+                grams[n] = Gram(torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=lin.weight.device))
         for gram in {id(g): g for g in grams.values()}.values():
             gram.finalize()
         # Dense outputs feed the next block before the consumer touches this one.
@@ -260,6 +275,8 @@ class BlockStream:
 
     def close(self) -> None:
         """Drop the activations and restore the model's training flag."""
+        if self.streaming is not None and self.next_index == 0:
+            self.streaming.release_block(0)  # materialized by the capture, never handed out
         self.hidden, self.calls = [], []
         self.model.train(self._was_training)
 

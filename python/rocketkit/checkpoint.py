@@ -411,14 +411,14 @@ def _tied_groups(model) -> dict[str, list[str]]:
 def _hf_config(path: Path):
     from transformers import AutoConfig
 
-    from rocketkit.models import check_model_type
+    from rocketkit.models import check_architecture
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises ValueError, KeyError, OSError, TypeError... for bad configs
         raise ValueError(f"{path / 'config.json'}: not a loadable transformers config: {type(e).__name__}: {e}") from None
     try:
-        check_model_type(config)
+        check_architecture(config)
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
     return config

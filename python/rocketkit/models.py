@@ -18,8 +18,6 @@ from torch import nn
 
 from rocketkit.fileio import atomic_directory
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 SMOLLM2_ALIAS = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,12 +39,33 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rocketkit"
 
 
-def check_model_type(config) -> None:
+def causal_lm_model_types() -> tuple[str, ...]:
+    """Every ``model_type`` the installed transformers can build as a causal LM (AutoModelForCausalLM):
+    what the config check accepts. The README lists those the tests do not cover."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return tuple(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+
+
+def check_architecture(config, trust_remote_code: bool = False) -> None:
+    """Refuse, before any weight is read, a config that is not a decoder-only causal LM or whose
+    decoder blocks the generic walk cannot handle: the model is built on the meta device (no memory)
+    and walked, so the error names the module it could not handle."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"[check_architecture] model_type {model_type!r} is an encoder-decoder model; "
+                         "rocketkit compresses decoder-only causal LMs")
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if model_type not in causal_lm_model_types() and not remote:
+        raise ValueError(f"[check_architecture] model_type {model_type!r} has no causal-LM class in the installed "
+                         "transformers (AutoModelForCausalLM)")
+    # Buffers on meta too: some default-sized configs build rotary caches of tens of GB.
+    with init_empty_weights(include_buffers=True):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    walk_model(skeleton)
 
 
 def smollm2_gguf_path() -> Path:
@@ -70,7 +89,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     folder, name = str(gguf.parent), gguf.name
     # Check the architecture before paying for dequantization.
-    check_model_type(AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True))
+    check_architecture(AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True))
     loaded = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, local_files_only=True, dtype=torch.float32
     )
@@ -135,7 +154,7 @@ def load_model(
         return open_streaming(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     folder = resolve_spec(spec)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    check_model_type(config)
+    check_architecture(config, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
@@ -145,20 +164,20 @@ def load_model(
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder blocks: the ModuleList of same-type blocks holding
-    the most parameters (``model.layers`` for Llama-like models). Linear layers are not required, so
-    the walk also works on a model whose linears were already replaced."""
+    """(qualified name, ModuleList) of the decoder blocks: the ModuleList holding the most parameters
+    (``model.layers`` for Llama-like models). Its blocks may differ in type (hybrid models alternate
+    attention and state-space blocks). Linear layers are not required, so the walk also works on a
+    model whose linears were already replaced. That the model calls these blocks in order, once each
+    per forward, is checked by the first calibration forward."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > 0 and (best is None or size > best[0]):
             best = (size, name, module)
     if best is None:
-        raise ValueError(f"no decoder blocks found in {type(model).__name__} (no ModuleList of same-type blocks with parameters)")
+        raise ValueError(f"[find_decoder_blocks] no decoder blocks found in {type(model).__name__} (no ModuleList with parameters)")
     return best[1], best[2]
 
 
@@ -166,12 +185,128 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return find_decoder_blocks(model)[1]
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def router_names(block: nn.Module) -> list[str]:
+    """nn.Linear layers that route tokens among experts, which stay dense: a linear with one output
+    per expert of a sibling ModuleList (``gate`` next to ``experts`` in an MoE block whose experts
+    are modules). The routing decision is discrete, so a small weight error could send tokens to
+    other experts, and the layer is tiny anyway."""
+    out = []
+    for mname, module in block.named_modules():
+        n_experts = {len(c) for c in module.children() if isinstance(c, nn.ModuleList) and len(c) > 1}
+        for cname, child in module.named_children():
+            if isinstance(child, nn.Linear) and child.out_features in n_experts:
+                out.append(_join(mname, cname))
+    return out
+
+
+def block_skipped(block: nn.Module) -> dict[str, str]:
+    """The block's weights that are not compressed, by name relative to the block, with why: routers,
+    and every parameter of two or more dimensions outside an nn.Linear (GPT-2's Conv1D, MoE experts
+    stored as 3-D tensors, a router held as a bare weight). Norms and biases (1-D) are not listed."""
+    from rocketkit.modules import FactorizedLinear
+
+    out = {name: "router (kept dense)" for name in router_names(block)}
+    for mname, module in block.named_modules():
+        if isinstance(module, (nn.Linear, FactorizedLinear)):
+            continue
+        for attr, p in module._parameters.items():
+            if p is not None and p.ndim >= 2:
+                shape = "x".join(str(d) for d in p.shape)
+                out[_join(mname, attr)] = f"{p.ndim}-D parameter of {type(module).__name__} ({shape}), not an nn.Linear"
+    return out
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The block's nn.Linear modules by name relative to the block, in module order."""
-    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The block's compressible nn.Linear modules (routers excluded) by name relative to the block,
+    in module order."""
+    routers = set(router_names(block))
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name not in routers}
     if not linears:
-        raise ValueError(f"no linear layers in {type(block).__name__}")
+        skipped = block_skipped(block)
+        detail = "; not handled: " + ", ".join(f"{n} ({why})" for n, why in skipped.items()) if skipped else ""
+        raise ValueError(f"[block_linears] no nn.Linear layer to compress in {type(block).__name__}{detail}")
     return linears
+
+
+@dataclass
+class ModelWalk:
+    """What the generic walk found: the decoder blocks, each block's compressible linears and the
+    weights it leaves uncompressed (names relative to the block)."""
+
+    prefix: str
+    blocks: nn.ModuleList
+    linears: list[dict[str, nn.Linear]]
+    skipped: list[dict[str, str]]
+
+    def skipped_by_name(self) -> dict[str, str]:
+        """Every uncompressed block weight, fully qualified, with why."""
+        return {f"{self.prefix}.{i}.{n}": why for i, s in enumerate(self.skipped) for n, why in s.items()}
+
+
+def walk_model(model: nn.Module) -> ModelWalk:
+    """Decoder blocks and their linears from the module tree, with no per-family table. Refuses a
+    linear whose weight is shared with another module (tied across blocks, or with an embedding):
+    compressing one copy would silently change the other."""
+    prefix, blocks = find_decoder_blocks(model)
+    linears = [block_linears(block) for block in blocks]
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)].append(name)
+    for i, found in enumerate(linears):
+        for rel, lin in found.items():
+            names = owners.get(id(lin.weight), [])
+            if len(names) > 1:
+                raise ValueError(f"[walk_model] {prefix}.{i}.{rel}.weight is the same tensor as "
+                                 f"{', '.join(n for n in names if n != f'{prefix}.{i}.{rel}.weight')}: shared "
+                                 "weights are not compressed (untie them first)")
+    return ModelWalk(prefix, blocks, linears, [block_skipped(block) for block in blocks])
+
+
+def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                        hidden: torch.Tensor, output_arity: int | None = None) -> torch.Tensor:
+    """The model's logits given ``hidden``, the last decoder block's output for ``input_ids``: the
+    model's own forward runs with its blocks replaced by pass-throughs that hand back ``hidden``, so
+    whatever follows the blocks (final norm of any name, logit scaling or soft-capping) is the
+    family's own code. The blocks' weights are not touched (they may be on meta). ``output_arity``:
+    what a block returns (``calibrate.block_output_like``; ``BlockStream.output_arity``)."""
+    from rocketkit.calibrate import block_output_like
+
+    def first(hidden_states, *args, **kwargs):
+        return block_output_like(output_arity, hidden)
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return block_output_like(output_arity, hidden_states)
+
+    for i, block in enumerate(blocks):
+        block.forward = first if i == 0 else passthrough
+    try:
+        return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+
+
+def not_compressed(walk: ModelWalk, profile) -> dict:
+    """The summary's account of what a compress run left alone: every block weight the walk skipped
+    and every linear the profile had to keep dense, fully qualified, with why. (Linears the
+    allocation chose to keep dense are ordinary decisions, listed in allocation.json.)"""
+    out = dict(walk.skipped_by_name())
+    out.update({name: f"kept dense: {lp.dense_reason}" for name, lp in profile.layers.items() if lp.dense_reason})
+    return {"not_compressed": dict(sorted(out.items()))}
+
+
+def not_compressed_rows(summary: dict, shown: int = 4) -> list[tuple[str, str]]:
+    """format_summary's row for ``not_compressed`` (none when nothing was left out)."""
+    left = summary.get("not_compressed") or {}
+    if not left:
+        return []
+    names = list(left)
+    more = f", ... ({len(names) - shown} more in summary.json)" if len(names) > shown else ""
+    return [("weights not compressed", f"{len(names)}: {', '.join(names[:shown])}{more}")]
 
 
 # --------------------------------------------------------------------------- streaming
@@ -330,7 +465,7 @@ def open_streaming(
 
     folder = resolve_spec(spec)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    check_model_type(config)
+    check_architecture(config, trust_remote_code)
     keys = _shard_map(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -147,6 +147,8 @@ def _run(ctx: RunContext) -> dict:
 
 def format_summary(summary: dict) -> str:
     """A short human-readable table of a :func:`compress` summary."""
+    from rocketkit.models import not_compressed_rows
+
     b = summary["bytes"]
     mib = 1024 * 1024
     rows = [
@@ -158,6 +160,7 @@ def format_summary(summary: dict) -> str:
         ("linear params before / after", f"{summary['compressible_params_before']:,} / {summary['compressible_params_after']:,}"),
         ("model params before / after", f"{summary['params_before']:,} / {summary['params_after']:,}"),
         ("layers factorized", f"{summary['factorized_layers']} / {summary['layers']}"),
+        *not_compressed_rows(summary),
         ("objective / lower bound", f"{summary['objective']:.6g} / "
          + (f"{summary['lower_bound']:.6g}" if summary["lower_bound"] is not None else "-")),
         ("max |profiled - applied| err", f"{summary['max_profiled_vs_applied_error']:.2e}"),

@@ -61,8 +61,7 @@ class RunContext:
     # ---------------------------------------------------------------- setup
 
     def open_model(self) -> None:
-        from rocketkit.models import (LoadedModel, check_model_type, find_decoder_blocks, open_streaming,
-                                      streaming_weights)
+        from rocketkit.models import LoadedModel, open_streaming, streaming_weights, walk_model
         from rocketkit.workdir import model_folder_fingerprint, model_memory_fingerprint
 
         t = time.perf_counter()
@@ -76,8 +75,8 @@ class RunContext:
             loaded = open_streaming(str(spec), dtype=o.dtype, device=self.device, trust_remote_code=o.trust_remote_code)
             self.spec_name, self.source_folder, self.in_memory = str(spec), Path(loaded.source), False
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        check_model_type(self.model.config)
-        self.prefix, self.blocks = find_decoder_blocks(self.model)
+        self.walk = walk_model(self.model)
+        self.prefix, self.blocks = self.walk.prefix, self.walk.blocks
         self.n_blocks = len(self.blocks)
         self.streaming = streaming_weights(self.model)
         floats = [p.dtype for p in self.model.parameters() if p.is_floating_point()]

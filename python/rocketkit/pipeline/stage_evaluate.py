@@ -23,14 +23,11 @@ def blockwise_perplexity(model, input_ids, batch_size: int = 4, device="cpu", re
 
     from rocketkit.calibrate import BlockStream
     from rocketkit.apply import _set_submodule
+    from rocketkit.models import logits_after_blocks
 
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (n_seq, seq_len) with seq_len >= 2, got {tuple(input_ids.shape)}")
     stream = BlockStream(model, input_ids, batch_size=batch_size, device=device)
-    parent = model.get_submodule(stream.path.rpartition(".")[0])
-    norm, lm_head = getattr(parent, "norm", None), model.get_output_embeddings()
-    if norm is None or lm_head is None:
-        raise ValueError(f"{type(model).__name__}: no final norm / output embedding to compute logits with")
     try:
         for i in tqdm(range(len(stream)), desc=desc, unit="block", disable=not progress):
             originals = {}
@@ -49,7 +46,7 @@ def blockwise_perplexity(model, input_ids, batch_size: int = 4, device="cpu", re
         total, count = 0.0, 0
         for b, hidden in enumerate(stream.hidden):
             batch = input_ids[b * batch_size : (b + 1) * batch_size].to(device)
-            logits = lm_head(norm(hidden))
+            logits = logits_after_blocks(model, stream.blocks, batch, hidden, stream.output_arity)
             targets = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"

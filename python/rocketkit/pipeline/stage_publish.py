@@ -85,6 +85,7 @@ def run_publish(ctx: RunContext) -> tuple[dict, list[dict]]:
     from rocketkit.apply import AppliedLayer
     from rocketkit.checkpoint import checkpoint_info, rocketkit_section
     from rocketkit.fileio import atomic_write_json
+    from rocketkit.models import not_compressed
     from rocketkit.shards import (non_block_tensors, write_config, write_generation_config, write_index, write_shard,
                                   write_tokenizer)
 
@@ -122,6 +123,7 @@ def run_publish(ctx: RunContext) -> tuple[dict, list[dict]]:
             "compressible_params_before": a.dense_params, "compressible_params_after": a.params,
             "params_before": params_before, "params_after": params_after,
             "layers": len(a.layers), "factorized_layers": len(applied),
+            **not_compressed(ctx.walk, profile),
             "objective": a.objective, "lower_bound": a.lower_bound,
             "max_profiled_vs_applied_error": max_diff,
             "calib_tokens": int(ctx.calib_ids.numel()),
