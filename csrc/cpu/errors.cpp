@@ -149,6 +149,7 @@ ColumnOrder column_order(const LayerBasis& b, int64_t kord, int threads) {
   ColumnOrder order;
   order.kord = kord;
   order.rows.resize(size_t(b.d2) * size_t(kord));
+  order.pos.resize(size_t(b.d2) * size_t(kord));
   auto sort_columns = [&](int64_t j0, int64_t j1) {
     std::vector<double> mag(kord);
     for (int64_t j = j0; j < j1; ++j) {
@@ -157,6 +158,8 @@ ColumnOrder column_order(const LayerBasis& b, int64_t kord, int threads) {
       int32_t* o = order.rows.data() + j * kord;
       std::iota(o, o + kord, 0);
       std::sort(o, o + kord, [&](int32_t a, int32_t c) { return mag[a] > mag[c] || (mag[a] == mag[c] && a < c); });
+      int32_t* q = order.pos.data() + j * kord;
+      for (int64_t p = 0; p < kord; ++p) q[o[p]] = int32_t(p);
     }
   };
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, b.d2 / 64)));

@@ -33,10 +33,12 @@ LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64
 void coefficients_times(const LayerBasis& b, int64_t k, const double* CmT, const double* B, double* Y);
 
 /// The mask rule's order: for each column j of C = Σ·Vᵀ, the rows 0..kord−1 by |C_ij|
-/// descending, ties to the lower row index (d2×kord, row j = column j's order).
+/// descending, ties to the lower row index (d2×kord, row j = column j's order), and its inverse
+/// (pos[j·kord + i] = where row i sits in column j's order).
 struct ColumnOrder {
   int64_t kord = 0;
   std::vector<int32_t> rows;
+  std::vector<int32_t> pos;
 };
 
 /// Builds the order, columns split over `threads` threads.
