@@ -310,3 +310,81 @@ def test_rank_deficient_layer(d1, d2):
     for c, (k, s) in enumerate(cands):
         mw, mo = measured_errors(W, S, _native.factorize(W, S, k, s))
         assert abs(mw - ew[c]) < 1e-9 and abs(mo - eo[c]) < 1e-9
+
+
+# ---- chains of mask updates and the shared pool ---------------------------------------------
+def test_chain_steps_in_any_order():
+    """Candidates in a scrambled order with k and s moving both ways, far and near: the chain
+    updates (per-column prefix moves, cuts at long jumps) still give the reference errors."""
+    rng = np.random.default_rng(23)
+    d1, d2 = 29, 47
+    W, S = random_W(rng, d1, d2, decay=0.08), random_S(rng, d1, outliers=2, scale=30.0)
+    ks = rng.integers(2, d1 + 1, size=90)
+    cands = np.array([(k, rng.integers(1, k + 1)) for k in ks] + [(29, 28), (29, 27), (28, 28), (3, 1)],
+                     dtype=np.int64)
+    cands = cands[rng.permutation(len(cands))]
+    ew, eo = _native.whitened_errors(W, S, cands, num_threads=2)
+    rw, ro = reference_errors(W, S, cands)
+    np.testing.assert_allclose(ew, rw, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
+
+
+def test_default_grid_odd_shape():
+    """The default (cr, ks) grid on an odd, wide layer: the chain order it induces is the one
+    profiling uses in practice."""
+    from rocketkit.profile import candidate_grid
+
+    rng = np.random.default_rng(29)
+    d1, d2 = 37, 83
+    W, S = random_W(rng, d1, d2, decay=0.03), random_S(rng, d1)
+    g = candidate_grid(d1, d2)
+    cands = np.stack([g.k, g.s], axis=1)
+    assert len(cands) > 200
+    ew, eo = _native.whitened_errors(W, S, cands)
+    rw, ro = reference_errors(W, S, cands)
+    np.testing.assert_allclose(ew, rw, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
+
+
+def test_shared_pool_matches_single_layers():
+    """whitened_errors_shared: the reference errors per layer, equal to per-layer calls to
+    rounding, identical for every thread count; zero and candidate-free layers included."""
+    rng = np.random.default_rng(31)
+    d1 = 41
+    S = random_S(rng, d1, outliers=2, scale=20.0)
+    Ws = [random_W(rng, d1, 41), random_W(rng, d1, 13), np.zeros((d1, 7)), random_W(rng, d1, 67),
+          random_W(rng, d1, 5)]
+    cands = [grid(d1, 41), grid(d1, 13), grid(d1, 7), grid(d1, 67), np.zeros((0, 2), dtype=np.int64)]
+    runs = [_native.whitened_errors_shared(S, Ws, cands, num_threads=t) for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for (a, b), (c, d) in zip(runs[0], other):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+    for W, c, (ew, eo) in zip(Ws, cands, runs[0]):
+        assert ew.shape == eo.shape == (len(c),)
+        if not len(c):
+            continue
+        sw, so = _native.whitened_errors(W, S, c)
+        np.testing.assert_allclose(ew, sw, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(eo, so, rtol=0, atol=1e-12)
+        if W.any():
+            rw, ro = reference_errors(W, S, c)
+            np.testing.assert_allclose(ew, rw, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
+        else:
+            assert not ew.any() and not eo.any()
+    assert _native.whitened_errors_shared(S, [], []) == []
+
+
+def test_shared_pool_validation():
+    rng = np.random.default_rng(37)
+    S = random_S(rng, 9)
+    W = random_W(rng, 9, 5)
+    with pytest.raises(ValueError, match="weights but"):
+        _native.whitened_errors_shared(S, [W, W], [grid(9, 5)])
+    with pytest.raises(ValueError, match=r"\[whitened_errors\]"):
+        _native.whitened_errors_shared(S, [W, random_W(rng, 8, 5)], [grid(9, 5), grid(8, 5)])
+    with pytest.raises(ValueError, match=r"\[whitened_errors\].*rank k"):  # checked before any work
+        _native.whitened_errors_shared(S, [W, W], [grid(9, 5), np.array([[6, 1]])])
+    with pytest.raises(ValueError, match="num_threads"):
+        _native.whitened_errors_shared(S, [W], [grid(9, 5)], num_threads=-1)

@@ -13,6 +13,8 @@
 // fixed by the candidate list alone, so results do not depend on the thread count.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -357,6 +359,86 @@ void profile_candidates(const LayerBasis& b, const int64_t* cand, int64_t n, dou
       next.store(chains.size());
     }
   };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_basis,
+                    const int64_t* const* cand, const int64_t* n, double* const* e_weight,
+                    double* const* e_output, int threads) {
+  struct Layer {
+    LayerBasis b;
+    ColumnOrder order;
+    std::vector<Chain> chains;
+  };
+  std::vector<std::unique_ptr<Layer>> layers(m);
+  struct Task {
+    int64_t layer;
+    size_t chain;
+    double cost;
+  };
+  std::vector<Task> ready;
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t next_basis = 0, bases_left = m;
+  std::exception_ptr failure;
+
+  // Bases first (each a layer's serial stretch, run side by side), then the chains of every
+  // layer, longest first, on whichever thread is free.
+  auto worker = [&]() {
+    std::unique_ptr<ChainState> state;
+    int64_t state_layer = -1;
+    std::unique_lock<std::mutex> lock(mu);
+    while (!failure) {
+      try {
+        if (next_basis < m) {
+          const int64_t l = next_basis++;
+          lock.unlock();
+          auto layer = std::make_unique<Layer>();
+          layer->b = make_basis(l);
+          std::vector<int64_t> direct;
+          layer->chains = make_chains(layer->b, cand[l], n[l], direct);
+          for (int64_t c : direct)
+            tail_errors(layer->b, cand[l][2 * c], cand[l][2 * c + 1], e_weight[l] + c, e_output[l] + c);
+          int64_t kord = 0;
+          for (const Chain& ch : layer->chains)
+            for (int64_t c : ch.members) kord = std::max(kord, cand[l][2 * c]);
+          if (kord > 0) layer->order = column_order(layer->b, kord, 1);
+          lock.lock();
+          for (size_t t = 0; t < layer->chains.size(); ++t) ready.push_back({l, t, layer->chains[t].cost});
+          layers[l] = std::move(layer);
+          --bases_left;
+          cv.notify_all();
+        } else if (!ready.empty()) {
+          auto best = std::max_element(ready.begin(), ready.end(), [](const Task& a, const Task& c) {
+            return a.cost < c.cost || (a.cost == c.cost && (a.layer > c.layer || (a.layer == c.layer && a.chain > c.chain)));
+          });
+          const Task task = *best;
+          ready.erase(best);
+          Layer& layer = *layers[task.layer];
+          lock.unlock();
+          if (state_layer != task.layer) {
+            state = std::make_unique<ChainState>(layer.b, layer.order);
+            state_layer = task.layer;
+          }
+          state->run(layer.chains[task.chain], cand[task.layer], e_weight[task.layer], e_output[task.layer]);
+          lock.lock();
+        } else if (bases_left == 0) {
+          break;
+        } else {
+          cv.wait(lock);
+        }
+      } catch (...) {
+        if (!lock.owns_lock()) lock.lock();
+        if (!failure) failure = std::current_exception();
+        cv.notify_all();
+      }
+    }
+  };
+  threads = int(std::max<int64_t>(1, threads));
   std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();

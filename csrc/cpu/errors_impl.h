@@ -2,6 +2,7 @@
 // basis, the mask and the ridge that profiling measures are the ones factorize applies.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace rocketkit::errors_detail {
@@ -92,5 +93,13 @@ bool tail_errors(const LayerBasis& b, int64_t k, int64_t s, double* e_w, double*
 /// results do not depend on the thread count; see errors_chain.cpp.
 void profile_candidates(const LayerBasis& b, const int64_t* candidates, int64_t n, double* e_weight,
                         double* e_output, int threads);
+
+/// profile_candidates for m layers on one pool of `threads` threads, for layers whose bases can
+/// be built side by side: make_basis(l) (called on a pool thread; BLAS should be single-threaded)
+/// gives layer l's basis, then its chains join a queue shared with the other layers. Layer l's
+/// results are those of profile_candidates on the same basis.
+void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_basis,
+                    const int64_t* const* candidates, const int64_t* n, double* const* e_weight,
+                    double* const* e_output, int threads);
 
 }  // namespace rocketkit::errors_detail

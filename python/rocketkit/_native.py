@@ -102,16 +102,45 @@ def whitened_errors(W, S, candidates, num_threads: int = 0):
     if _is_cuda_tensor(W) or _is_cuda_tensor(S):
         return whitened_errors_cuda(W, S, candidates, num_threads=num_threads)
     W, S = _check_layer("whitened_errors", W, S)
+    cand = _check_candidates(candidates)
+    return _C.whitened_errors(W, S, cand, _check_threads(num_threads))
+
+
+def _check_candidates(candidates) -> np.ndarray:
     cand = _asarray("whitened_errors", "candidates", candidates)
     if cand.ndim != 2 or cand.shape[1] != 2 or not np.issubdtype(cand.dtype, np.integer):
         raise ValueError(f"[whitened_errors] candidates must be an (n, 2) integer array, got {cand.dtype} {cand.shape}")
     if cand.dtype.kind == "u" and cand.size and cand.max() > _INT64_MAX:
         raise ValueError("[whitened_errors] candidates exceed int64")
-    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    return np.ascontiguousarray(cand, dtype=np.int64)
+
+
+def _check_threads(num_threads) -> int:
     num_threads = _index_arg("whitened_errors", "num_threads", num_threads)
     if not 0 <= num_threads <= 1 << 16:
         raise ValueError(f"[whitened_errors] num_threads must be in [0, 65536], got {num_threads}")
-    return _C.whitened_errors(W, S, cand, num_threads)
+    return num_threads
+
+
+def whitened_errors_shared(S, Ws, candidates, num_threads: int = 0):
+    """:func:`whitened_errors` of several layers that share one S (one input Gram, as q/k/v do).
+
+    ``Ws`` is a sequence of (d1, d_l) float64 weights and ``candidates`` one (n_l, 2) array per
+    weight. Returns a list of ``(e_weight, e_output)`` pairs. The layers' bases run side by side
+    (single-threaded BLAS each) on one pool of ``num_threads`` threads that then takes every
+    layer's candidates, so both cores stay busy; errors equal per-layer calls to rounding
+    (~1e-14) and do not depend on ``num_threads``. CPU only; memory holds up to ``num_threads``
+    layer bases at once.
+    """
+    Ws, candidates = list(Ws), list(candidates)
+    if len(Ws) != len(candidates):
+        raise ValueError(f"[whitened_errors] got {len(Ws)} weights but {len(candidates)} candidate arrays")
+    if not Ws:
+        return []
+    S = _as_f64_matrix("S", "whitened_errors", S)
+    Ws = [_check_layer("whitened_errors", W, S)[0] for W in Ws]
+    cands = [_check_candidates(c) for c in candidates]
+    return [tuple(p) for p in _C.whitened_errors_shared(S, Ws, cands, _check_threads(num_threads))]
 
 
 def factorize(W, S, k: int, s: int) -> Factors:

@@ -23,6 +23,11 @@ DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
 REDUCED_CRS = tuple(round(0.1 * i, 1) for i in range(1, 8))  # 0.1 .. 0.7
 REDUCED_KS = (1.0, 1.5, 2.0, 2.5, 3.0)
 
+# Layers of one Gram are profiled on one shared pool (whitened_errors_shared) when each has at
+# most this many weights: the pool holds one basis per thread at once, which is small up to
+# 1B-class widths (2048×8192) and left to the per-layer path beyond.
+SHARED_PROFILE_MAX_ELEMENTS = 1 << 24
+
 # Indices of C fit int16 while every row index k' < k is representable.
 INT16_MAX_RANK = 32767
 
@@ -254,7 +259,7 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
     CPU core to ~1e-12); "cpu" copies S and W to the host."""
     import torch
 
-    from rocketkit._native import whitened_errors
+    from rocketkit._native import whitened_errors, whitened_errors_shared
     from rocketkit.whiten import whiten
 
     crs, kss = check_grid(crs, kss)
@@ -271,11 +276,11 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
             except RuntimeError as e:
                 why_dense = f"its Gram is not positive definite even with jitter ({e})"
         S = None if wh is None else (wh.S if backend == "cuda" else np.ascontiguousarray(wh.S.cpu().numpy()))
+        todo = []  # (rel, grid, reason) in module order
         for rel in rels:
             lin = cb.linears[rel]
             name = f"{cb.name}.{rel}"
-            d1, d2 = lin.in_features, lin.out_features
-            grid = candidate_grid(d1, d2, crs, kss)
+            grid = candidate_grid(lin.in_features, lin.out_features, crs, kss)
             weight = lin.weight.detach()
             if not bool(torch.isfinite(weight).all()):
                 raise ValueError(f"{name}: the weight contains NaN or Inf; fix the checkpoint before compressing it")
@@ -283,12 +288,30 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
             if reason:
                 warnings.warn(f"{name} is kept dense: {reason}", RuntimeWarning, stacklevel=2)
                 grid = grid.empty()
-            if len(grid):
+            todo.append((rel, grid, reason))
+        scored = [rel for rel, grid, _ in todo if len(grid)]
+        shared = {}
+        if backend == "cpu" and len(scored) > 1 and all(
+                cb.linears[rel].in_features * cb.linears[rel].out_features <= SHARED_PROFILE_MAX_ELEMENTS
+                for rel in scored):
+            # One pool for the layers of this Gram: their SVDs run side by side instead of in turn.
+            grids = {rel: grid for rel, grid, _ in todo}
+            pairs = whitened_errors_shared(
+                S, [weight_f64(cb.linears[rel]) for rel in scored],
+                [np.stack([grids[rel].k, grids[rel].s], axis=1) for rel in scored], num_threads=num_threads)
+            shared = dict(zip(scored, pairs))
+        for rel, grid, reason in todo:
+            lin = cb.linears[rel]
+            name = f"{cb.name}.{rel}"
+            d1, d2 = lin.in_features, lin.out_features
+            if rel in shared:
+                e_w, e_o = shared.pop(rel)
+            elif len(grid):
                 cand = np.stack([grid.k, grid.s], axis=1)
                 if backend == "cuda":
                     from rocketkit._native import whitened_errors_cuda
 
-                    W = weight.to(device=S.device, dtype=torch.float64).T.contiguous()
+                    W = lin.weight.detach().to(device=S.device, dtype=torch.float64).T.contiguous()
                     e_w, e_o = (t.cpu().numpy() for t in whitened_errors_cuda(W, S, cand))
                     del W
                 else:
