@@ -147,9 +147,9 @@ def bench_shape(d1, d2, threads, refcheck, baseline_stride):
 
 
 # ---- --smollm2-block ----------------------------------------------------------------------------
-# The seven linears of one SmolLM2-135M block (d1×d2, y = x·W); q/k/v, and gate/up, share an input.
-BLOCK_SMOLLM2 = [("q", 576, 576), ("k", 576, 192), ("v", 576, 192), ("o", 576, 576),
-                 ("gate", 576, 1536), ("up", 576, 1536), ("down", 1536, 576)]
+# The seven linears of one SmolLM2-135M block (d1×d2, y = x·W), grouped by the input Gram they share.
+BLOCK_SMOLLM2 = [[("q", 576, 576), ("k", 576, 192), ("v", 576, 192)], [("o", 576, 576)],
+                 [("gate", 576, 1536), ("up", 576, 1536)], [("down", 1536, 576)]]
 
 
 def load_other_core(path: str):
@@ -163,45 +163,58 @@ def load_other_core(path: str):
 
 
 def bench_smollm2_block(threads: int, against: str | None, repeats: int):
-    """One SmolLM2 block's profile (what ``profile_block`` spends in ``whitened_errors``) on synthetic
-    layers of its shapes, full grid: this build, and optionally another build, in the same run."""
+    """One SmolLM2 block's profile (what ``profile_block`` spends in the native core) on synthetic
+    layers of its shapes, full grid, one S per shared input: this build as profile_block calls it
+    (a group of layers in one ``whitened_errors_shared`` call), and optionally another build,
+    layer by layer (or shared too, if it has that entry point), in the same run."""
     from rocketkit import _C
 
     cores = {"this build": _C}
     if against:
         cores["other build (--against)"] = load_other_core(against)
-    layers = []
-    for name, d1, d2 in BLOCK_SMOLLM2:
-        W, S = synthetic_layer(d1, d2, seed=d1 * 31 + d2 + len(layers))
-        cands, _ = candidate_grid(d1, d2)
-        layers.append((name, W, S, cands))
-    n = sum(len(c) for *_, c in layers)
-    print(f"\n== one SmolLM2-135M block: {', '.join(f'{a} {b}x{c}' for a, b, c in BLOCK_SMOLLM2)}; "
-          f"{n} candidates in all, {threads} threads, best of {repeats}"
+    groups = []
+    for g, members in enumerate(BLOCK_SMOLLM2):
+        d1 = members[0][1]
+        S = synthetic_layer(d1, d1, seed=1000 + g)[1]
+        layers = []
+        for name, _, d2 in members:
+            W = synthetic_layer(d1, d2, seed=d1 * 31 + d2 + len(layers))[0]
+            layers.append((name, W, candidate_grid(d1, d2)[0]))
+        groups.append((S, layers))
+    n = sum(len(c) for _, layers in groups for *_, c in layers)
+    names = ", ".join(f"{a} {b}x{c}" for g in BLOCK_SMOLLM2 for a, b, c in g)
+    print(f"\n== one SmolLM2-135M block: {names}; {n} candidates in all, {threads} threads, best of {repeats}"
           + (f"; other build: {against}" if against else ""))
+
+    def run(core):
+        out, per = [], []
+        for S, layers in groups:
+            t0 = time.perf_counter()
+            if len(layers) > 1 and hasattr(core, "whitened_errors_shared"):
+                out += list(core.whitened_errors_shared(S, [W for _, W, _ in layers], [c for *_, c in layers], threads))
+            else:
+                out += [core.whitened_errors(W, S, c, threads) for _, W, c in layers]
+            per.append(time.perf_counter() - t0)
+        return out, per
+
     for core in cores.values():  # warm-up
-        core.whitened_errors(layers[1][1], layers[1][2], layers[1][3][:4], threads)
+        core.whitened_errors(groups[0][1][1][1], groups[0][0], groups[0][1][1][2][:4], threads)
     best, out = {}, {}
     for _ in range(repeats):
         for label, core in cores.items():  # interleaved, so that both see the same machine load
-            per, cpu0, t_all = [], time.process_time(), time.perf_counter()
-            res = []
-            for name, W, S, cands in layers:
-                t0 = time.perf_counter()
-                res.append(core.whitened_errors(W, S, cands, threads))
-                per.append(time.perf_counter() - t0)
-            wall, cpu = time.perf_counter() - t_all, time.process_time() - cpu0
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            out[label], per = run(core)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             if label not in best or wall < best[label][0]:
                 best[label] = (wall, cpu, per)
-            out[label] = res
     for label, (wall, cpu, per) in best.items():
-        print(f"{label:<28}: block {wall:7.3f} s wall, {cpu:7.3f} s CPU  |  "
-              + "  ".join(f"{name} {t:.2f}" for (name, *_), t in zip(layers, per)))
+        print(f"{label:<24}: block {wall:7.3f} s wall, {cpu:7.3f} s CPU  |  "
+              + "  ".join(f"{'/'.join(m[0] for m in g)} {t:.2f}" for g, t in zip(BLOCK_SMOLLM2, per)))
     if against:
         (a, (wa, ca, _)), (b, (wb, cb, _)) = best.items()
         diff = max(np.abs(np.asarray(x) - np.asarray(y)).max()
                    for ra, rb in zip(out[a], out[b]) for x, y in zip(ra, rb))
-        print(f"ratio other / this build  : {wb / wa:7.2f}x wall, {cb / ca:.2f}x CPU; "
+        print(f"ratio other / this build: {wb / wa:7.2f}x wall, {cb / ca:.2f}x CPU; "
               f"max |e_this - e_other| {diff:.2e}")
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
