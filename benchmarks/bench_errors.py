@@ -165,8 +165,8 @@ def load_other_core(path: str):
 def bench_smollm2_block(threads: int, against: str | None, repeats: int):
     """One SmolLM2 block's profile (what ``profile_block`` spends in the native core) on synthetic
     layers of its shapes, full grid, one S per shared input: this build as profile_block calls it
-    (a group of layers in one ``whitened_errors_shared`` call), and optionally another build,
-    layer by layer (or shared too, if it has that entry point), in the same run."""
+    (the block in one ``whitened_errors_layers`` call), and optionally another build (layer by
+    layer if it predates that entry point), in the same run."""
     from rocketkit import _C
 
     cores = {"this build": _C}
@@ -187,14 +187,18 @@ def bench_smollm2_block(threads: int, against: str | None, repeats: int):
           + (f"; other build: {against}" if against else ""))
 
     def run(core):
+        if hasattr(core, "whitened_errors_layers"):  # the whole block in one pooled call
+            t0 = time.perf_counter()
+            jobs = [(S, W, c) for S, layers in groups for _, W, c in layers]
+            out = list(core.whitened_errors_layers([W for _, W, _ in jobs], [S for S, _, _ in jobs],
+                                                   [c for *_, c in jobs], threads))
+            return out, [time.perf_counter() - t0]
         out, per = [], []
         for S, layers in groups:
-            t0 = time.perf_counter()
-            if len(layers) > 1 and hasattr(core, "whitened_errors_shared"):
-                out += list(core.whitened_errors_shared(S, [W for _, W, _ in layers], [c for *_, c in layers], threads))
-            else:
-                out += [core.whitened_errors(W, S, c, threads) for _, W, c in layers]
-            per.append(time.perf_counter() - t0)
+            for _, W, c in layers:
+                t0 = time.perf_counter()
+                out.append(core.whitened_errors(W, S, c, threads))
+                per.append(time.perf_counter() - t0)
         return out, per
 
     for core in cores.values():  # warm-up
@@ -208,8 +212,9 @@ def bench_smollm2_block(threads: int, against: str | None, repeats: int):
             if label not in best or wall < best[label][0]:
                 best[label] = (wall, cpu, per)
     for label, (wall, cpu, per) in best.items():
-        print(f"{label:<24}: block {wall:7.3f} s wall, {cpu:7.3f} s CPU  |  "
-              + "  ".join(f"{'/'.join(m[0] for m in g)} {t:.2f}" for g, t in zip(BLOCK_SMOLLM2, per)))
+        detail = ("one pooled call (whitened_errors_layers)" if len(per) == 1 else
+                  "  ".join(f"{name} {t:.2f}" for (name, *_), t in zip((m for g in BLOCK_SMOLLM2 for m in g), per)))
+        print(f"{label:<24}: block {wall:7.3f} s wall, {cpu:7.3f} s CPU  |  {detail}")
     if against:
         (a, (wa, ca, _)), (b, (wb, cb, _)) = best.items()
         diff = max(np.abs(np.asarray(x) - np.asarray(y)).max()

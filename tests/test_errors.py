@@ -346,21 +346,25 @@ def test_default_grid_odd_shape():
     np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
 
 
-def test_shared_pool_matches_single_layers():
-    """whitened_errors_shared: the reference errors per layer, equal to per-layer calls to
-    rounding, identical for every thread count; zero and candidate-free layers included."""
+def test_pooled_layers_match_single_layers():
+    """whitened_errors_layers: the reference errors per layer, equal to per-layer calls to
+    rounding, identical for every thread count; a shared S, a zero layer and a layer without
+    candidates included."""
     rng = np.random.default_rng(31)
-    d1 = 41
-    S = random_S(rng, d1, outliers=2, scale=20.0)
-    Ws = [random_W(rng, d1, 41), random_W(rng, d1, 13), np.zeros((d1, 7)), random_W(rng, d1, 67),
-          random_W(rng, d1, 5)]
-    cands = [grid(d1, 41), grid(d1, 13), grid(d1, 7), grid(d1, 67), np.zeros((0, 2), dtype=np.int64)]
-    runs = [_native.whitened_errors_shared(S, Ws, cands, num_threads=t) for t in (1, 2, 3)]
+    S1, S2 = random_S(rng, 41, outliers=2, scale=20.0), random_S(rng, 17)
+    Ws = [random_W(rng, 41, 41), random_W(rng, 41, 13), np.zeros((41, 7)), random_W(rng, 17, 67),
+          random_W(rng, 41, 5), random_W(rng, 17, 3)]
+    Ss = [S1, S1, S1, S2, S1, S2]
+    # (not (3, 1) on the 17×3 layer: a mask that rebuilds W exactly has error 0, which the
+    # one-solve path resolves only to ~1e-8, the square root of its rounding, as before)
+    cands = [grid(41, 41), grid(41, 13), grid(41, 7), grid(17, 67), np.zeros((0, 2), dtype=np.int64),
+             np.array([(1, 1), (2, 1), (2, 2), (3, 3)], dtype=np.int64)]
+    runs = [_native.whitened_errors_layers(Ws, Ss, cands, num_threads=t) for t in (1, 2, 3)]
     for other in runs[1:]:
         for (a, b), (c, d) in zip(runs[0], other):
             np.testing.assert_array_equal(a, c)
             np.testing.assert_array_equal(b, d)
-    for W, c, (ew, eo) in zip(Ws, cands, runs[0]):
+    for W, S, c, (ew, eo) in zip(Ws, Ss, cands, runs[0]):
         assert ew.shape == eo.shape == (len(c),)
         if not len(c):
             continue
@@ -373,18 +377,22 @@ def test_shared_pool_matches_single_layers():
             np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
         else:
             assert not ew.any() and not eo.any()
-    assert _native.whitened_errors_shared(S, [], []) == []
+    assert _native.whitened_errors_layers([], [], []) == []
 
 
-def test_shared_pool_validation():
+def test_pooled_layers_validation():
     rng = np.random.default_rng(37)
     S = random_S(rng, 9)
     W = random_W(rng, 9, 5)
-    with pytest.raises(ValueError, match="weights but"):
-        _native.whitened_errors_shared(S, [W, W], [grid(9, 5)])
-    with pytest.raises(ValueError, match=r"\[whitened_errors\]"):
-        _native.whitened_errors_shared(S, [W, random_W(rng, 8, 5)], [grid(9, 5), grid(8, 5)])
+    with pytest.raises(ValueError, match="one of each per layer"):
+        _native.whitened_errors_layers([W, W], [S, S], [grid(9, 5)])
+    with pytest.raises(ValueError, match=r"\[whitened_errors\] S must be"):
+        _native.whitened_errors_layers([W, random_W(rng, 8, 5)], [S, S], [grid(9, 5), grid(8, 5)])
     with pytest.raises(ValueError, match=r"\[whitened_errors\].*rank k"):  # checked before any work
-        _native.whitened_errors_shared(S, [W, W], [grid(9, 5), np.array([[6, 1]])])
+        _native.whitened_errors_layers([W, W], [S, S], [grid(9, 5), np.array([[6, 1]])])
     with pytest.raises(ValueError, match="num_threads"):
-        _native.whitened_errors_shared(S, [W], [grid(9, 5)], num_threads=-1)
+        _native.whitened_errors_layers([W], [S], [grid(9, 5)], num_threads=-1)
+    bad = S.copy()
+    bad[2, 2] = 0.0
+    with pytest.raises(ValueError, match="positive finite diagonal"):
+        _native.whitened_errors_layers([W, W], [S, bad], [grid(9, 5), grid(9, 5)])

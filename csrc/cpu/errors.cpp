@@ -443,23 +443,23 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
   profile_candidates(b, candidates, n, e_weight, e_output, num_threads > 0 ? num_threads : hw);
 }
 
-void whitened_errors_shared(const double* S, int64_t d1, int64_t m, const double* const* W,
+void whitened_errors_layers(int64_t m, const double* const* W, const double* const* S, const int64_t* d1,
                             const int64_t* d2, const int64_t* const* candidates, const int64_t* n,
                             double* const* e_weight, double* const* e_output, int num_threads) {
   const char* fn = "whitened_errors";
   ROCKETKIT_CHECK(m >= 0, fn, "layer count must be >= 0, got ", m);
   ROCKETKIT_CHECK(num_threads >= 0, fn, "num_threads must be >= 0, got ", num_threads);
   if (m == 0) return;
-  ROCKETKIT_CHECK(W != nullptr && d2 != nullptr && candidates != nullptr && n != nullptr &&
-                      e_weight != nullptr && e_output != nullptr,
+  ROCKETKIT_CHECK(W != nullptr && S != nullptr && d1 != nullptr && d2 != nullptr && candidates != nullptr &&
+                      n != nullptr && e_weight != nullptr && e_output != nullptr,
                   fn, "layer arrays must not be null");
   for (int64_t l = 0; l < m; ++l) {
-    check_layer(fn, W[l], S, d1, d2[l]);
+    check_layer(fn, W[l], S[l], d1[l], d2[l]);
     ROCKETKIT_CHECK(n[l] >= 0, fn, "layer ", l, ": candidate count must be >= 0, got ", n[l]);
     if (n[l] == 0) continue;
     ROCKETKIT_CHECK(candidates[l] != nullptr && e_weight[l] != nullptr && e_output[l] != nullptr, fn,
                     "layer ", l, ": candidates and outputs must not be null");
-    const int64_t r = std::min(d1, d2[l]);
+    const int64_t r = std::min(d1[l], d2[l]);
     for (int64_t c = 0; c < n[l]; ++c) check_candidate(fn, candidates[l][2 * c], candidates[l][2 * c + 1], r, c);
   }
   // Layers left to profile: not empty, not all zeros (documented: zero errors).
@@ -467,7 +467,7 @@ void whitened_errors_shared(const double* S, int64_t d1, int64_t m, const double
   for (int64_t l = 0; l < m; ++l) {
     if (n[l] == 0) continue;
     bool zero = true;
-    for (int64_t i = 0; i < d1 * d2[l] && zero; ++i) zero = W[l][i] == 0;
+    for (int64_t i = 0; i < d1[l] * d2[l] && zero; ++i) zero = W[l][i] == 0;
     if (zero) {
       std::fill(e_weight[l], e_weight[l] + n[l], 0.0);
       std::fill(e_output[l], e_output[l] + n[l], 0.0);
@@ -477,8 +477,8 @@ void whitened_errors_shared(const double* S, int64_t d1, int64_t m, const double
   }
   std::vector<ScaledLayer> scaled;
   for (int64_t l : todo) {
-    scaled.push_back(rescale_layer(W[l], S, d1, d2[l]));
-    check_scaled_diagonal(fn, scaled.back(), d1);
+    scaled.push_back(rescale_layer(W[l], S[l], d1[l], d2[l]));
+    check_scaled_diagonal(fn, scaled.back(), d1[l]);
   }
   std::vector<const int64_t*> cand;
   std::vector<int64_t> count;
@@ -495,7 +495,8 @@ void whitened_errors_shared(const double* S, int64_t d1, int64_t m, const double
   profile_layers(
       int64_t(todo.size()),
       [&](int64_t t) {
-        return build_layer_basis(scaled[t].W, scaled[t].S, d1, d2[todo[t]], /*keep_U=*/false, /*keep_R=*/true);
+        const int64_t l = todo[t];
+        return build_layer_basis(scaled[t].W, scaled[t].S, d1[l], d2[l], /*keep_U=*/false, /*keep_R=*/true);
       },
       cand.data(), count.data(), ew.data(), eo.data(), num_threads > 0 ? num_threads : hw);
 }

@@ -122,25 +122,25 @@ def _check_threads(num_threads) -> int:
     return num_threads
 
 
-def whitened_errors_shared(S, Ws, candidates, num_threads: int = 0):
-    """:func:`whitened_errors` of several layers that share one S (one input Gram, as q/k/v do).
+def whitened_errors_layers(Ws, Ss, candidates, num_threads: int = 0):
+    """:func:`whitened_errors` of several layers on one pool of ``num_threads`` threads.
 
-    ``Ws`` is a sequence of (d1, d_l) float64 weights and ``candidates`` one (n_l, 2) array per
-    weight. Returns a list of ``(e_weight, e_output)`` pairs. The layers' bases run side by side
-    (single-threaded BLAS each) on one pool of ``num_threads`` threads that then takes every
-    layer's candidates, so both cores stay busy; errors equal per-layer calls to rounding
-    (~1e-14) and do not depend on ``num_threads``. CPU only; memory holds up to ``num_threads``
-    layer bases at once.
+    ``Ws``, ``Ss`` and ``candidates`` hold one (d1, d2) weight, one (d1, d1) S and one (n, 2)
+    candidate array per layer (layers of one input Gram may pass the same S). Returns a list of
+    ``(e_weight, e_output)`` pairs. The layers' bases run side by side (single-threaded BLAS each)
+    and the pool then takes every layer's candidates, longest first, so both cores stay busy;
+    errors equal per-layer calls to rounding (~1e-13) and do not depend on ``num_threads``.
+    CPU only; memory holds up to ``num_threads`` layer bases at once.
     """
-    Ws, candidates = list(Ws), list(candidates)
-    if len(Ws) != len(candidates):
-        raise ValueError(f"[whitened_errors] got {len(Ws)} weights but {len(candidates)} candidate arrays")
-    if not Ws:
-        return []
-    S = _as_f64_matrix("S", "whitened_errors", S)
-    Ws = [_check_layer("whitened_errors", W, S)[0] for W in Ws]
+    Ws, Ss, candidates = list(Ws), list(Ss), list(candidates)
+    if not len(Ws) == len(Ss) == len(candidates):
+        raise ValueError(f"[whitened_errors] got {len(Ws)} weights, {len(Ss)} S and {len(candidates)} "
+                         "candidate arrays: need one of each per layer")
+    pairs = [_check_layer("whitened_errors", W, S) for W, S in zip(Ws, Ss)]
     cands = [_check_candidates(c) for c in candidates]
-    return [tuple(p) for p in _C.whitened_errors_shared(S, Ws, cands, _check_threads(num_threads))]
+    out = _C.whitened_errors_layers([W for W, _ in pairs], [S for _, S in pairs], cands,
+                                    _check_threads(num_threads))
+    return [tuple(p) for p in out]
 
 
 def factorize(W, S, k: int, s: int) -> Factors:

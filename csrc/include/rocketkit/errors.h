@@ -40,14 +40,15 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
                      const int64_t* candidates, int64_t n, double* e_weight, double* e_output,
                      int num_threads = 0);
 
-/// whitened_errors for m layers that share one S (one input Gram, e.g. q/k/v): layer l has
-/// W[l] (d1×d2[l]), candidates[l] (n[l]×2) and outputs e_weight[l], e_output[l] (n[l] each).
-/// Each layer's basis runs single-threaded BLAS on a pool of num_threads threads, side by side
-/// with the other layers' bases and candidates, so no core idles through a serial SVD. Errors
-/// equal per-layer whitened_errors calls to rounding (~1e-14; the basis may see different BLAS
-/// threading) and do not depend on num_threads. Peak memory holds up to num_threads bases.
-/// All layers are validated before any output is written; throws as whitened_errors.
-void whitened_errors_shared(const double* S, int64_t d1, int64_t m, const double* const* W,
+/// whitened_errors for m layers on one pool: layer l has W[l] (d1[l]×d2[l]), S[l] (d1[l]×d1[l];
+/// layers of one input Gram may pass the same pointer), candidates[l] (n[l]×2) and outputs
+/// e_weight[l], e_output[l] (n[l] each). Each layer's basis runs single-threaded BLAS on one of
+/// num_threads threads, side by side with the other layers' bases and candidates, so no core
+/// idles through a serial SVD. Errors equal per-layer whitened_errors calls to rounding (~1e-13:
+/// there the basis uses OpenBLAS's own threading) and do not depend on num_threads. Memory holds
+/// up to num_threads layer bases at once. Every layer is validated before any output is
+/// written; throws as whitened_errors.
+void whitened_errors_layers(int64_t m, const double* const* W, const double* const* S, const int64_t* d1,
                             const int64_t* d2, const int64_t* const* candidates, const int64_t* n,
                             double* const* e_weight, double* const* e_output, int num_threads = 0);
 
