@@ -138,7 +138,18 @@ LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64
       b.R.assign(r * r, 0.0);
       for (int64_t i = 0; i < r; ++i)
         for (int64_t j = i; j < r; ++j) b.R[i * r + j] = M[i * r + j];
+      // N = [V·Σ | V·Rᵀ] (d2×2r): the chains update C_m·N directly, so a candidate needs no
+      // r×r triangular product of its own.
+      b.N.assign(size_t(d2) * 2 * r, 0.0);
+      for (int64_t j = 0; j < d2; ++j)
+        for (int64_t c = 0; c < r; ++c) {
+          b.N[j * 2 * r + c] = b.Vt[j * r + c] * b.sigma[c];
+          b.N[j * 2 * r + r + c] = b.Vt[j * r + c];
+        }
+      scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(d2), int(r),
+                        1.0, b.R.data(), int(r), b.N.data() + r, int(2 * r));
     }
+    b.nb = b.one_solve ? r : 2 * r;
   }
   return b;
 }
@@ -280,17 +291,10 @@ void errors_from_products(const LayerBasis& b, int64_t k, const double* L, doubl
     *e_w = std::sqrt(std::max(0.0, 1.0 - cap_w));
     return;
   }
-  // T = [Y·Σ | Y·Rᵀ] (k×2r) with Y = Z = C_m·V, then T := L⁻¹T in one triangular solve.
+  // T = L⁻¹·Z with Z = C_m·[V·Σ | V·Rᵀ] (k×2r).
   w.T.resize(size_t(k) * 2 * r);
   double* T = w.T.data();
-  for (int64_t i = 0; i < k; ++i) {
-    double* row = T + i * 2 * r;
-    const double* y = Z + i * ldz;
-    for (int64_t c = 0; c < r; ++c) row[c] = y[c] * b.sigma[c];
-    std::memcpy(row + r, y, sizeof(double) * size_t(r));
-  }
-  scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(k), int(r), 1.0,
-              b.R.data(), int(r), T + r, int(2 * r));
+  for (int64_t i = 0; i < k; ++i) std::memcpy(T + i * 2 * r, Z + i * ldz, sizeof(double) * size_t(2 * r));
   scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k), int(2 * r),
               1.0, L, int(k), T, int(2 * r));
   double cap_o = block_sum_squares(T, k, r, 2 * r);

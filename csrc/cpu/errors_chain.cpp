@@ -166,13 +166,13 @@ std::vector<Chain> make_chains(const LayerBasis& b, const int64_t* cand, int64_t
 class ChainState {
  public:
   ChainState(const LayerBasis& b, const ColumnOrder& order)
-      : b_(b), order_(order), B_(b.one_solve ? b.N.data() : b.Vt.data()) {}
+      : b_(b), order_(order), B_(b.N.data()), nb_(b.nb) {}
 
   void run(const Chain& chain, const int64_t* cand, double* e_weight, double* e_output) {
     kmax_ = 0;
     for (int64_t c : chain.members) kmax_ = std::max(kmax_, cand[2 * c]);
-    const int64_t d2 = b_.d2, r = b_.r;
-    Z_.assign(size_t(kmax_) * r, 0.0);
+    const int64_t d2 = b_.d2;
+    Z_.assign(size_t(kmax_) * nb_, 0.0);
     Gb_.assign(size_t(kmax_) * kmax_, 0.0);
     R_.assign(size_t(kmax_) * kmax_, 0.0);
     CmT_.assign(size_t(d2) * kmax_, 0.0);
@@ -194,7 +194,7 @@ class ChainState {
   // Dense products for the chain's first candidate. Column j's mask is the rows < k among the
   // first p_[j] entries of its order (select_column stops there), so (k, p_[j]) is its state.
   void start(int64_t k, int64_t s) {
-    const int64_t d2 = b_.d2, r = b_.r, kord = order_.kord;
+    const int64_t d2 = b_.d2, kord = order_.kord;
     for (int64_t j = 0; j < d2; ++j) {
       const int32_t* o = order_.rows.data() + j * kord;
       int64_t p = 0;
@@ -209,8 +209,8 @@ class ChainState {
     }
     scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(k), int(d2), 1.0, CmT_.data(),
                       int(kmax_), 0.0, Gb_.data(), int(kmax_));
-    scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(k), int(r), int(d2), 1.0,
-                      CmT_.data(), int(kmax_), B_, int(r), 0.0, Z_.data(), int(r));
+    scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(k), int(nb_), int(d2), 1.0,
+                      CmT_.data(), int(kmax_), B_, int(nb_), 0.0, Z_.data(), int(nb_));
     k_ = k;
     s_ = s;
   }
@@ -266,7 +266,7 @@ class ChainState {
       csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, d2, CmT_.data(), kmax_, width, R_.data(),
                           kmax_, cursor_);
       for (size_t p = 0; p < d_val_.size(); ++p) CmT_[int64_t(d_col_[p]) * kmax_ + d_row_[p]] += 0.5 * d_val_[p];
-      csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, d2, B_, b_.r, b_.r, Z_.data(), b_.r, cursor_);
+      csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, d2, B_, nb_, nb_, Z_.data(), nb_, cursor_);
       for (int64_t i = 0; i < width; ++i)
         if (row_count_[i] == 0 && rowptr_[i + 1] > rowptr_[i]) clear_row(i);
     }
@@ -302,7 +302,7 @@ class ChainState {
 
   // An atom no column keeps any more: its row and column of G and its row of Z are exactly 0.
   void clear_row(int64_t i) {
-    std::fill(Z_.begin() + i * b_.r, Z_.begin() + (i + 1) * b_.r, 0.0);
+    std::fill(Z_.begin() + i * nb_, Z_.begin() + (i + 1) * nb_, 0.0);
     for (int64_t t = 0; t < kmax_; ++t) {
       Gb_[i * kmax_ + t] = Gb_[t * kmax_ + i] = 0.0;
       R_[i * kmax_ + t] = R_[t * kmax_ + i] = 0.0;
@@ -318,12 +318,13 @@ class ChainState {
         G_[a * k + c] = G_[c * k + a] = g;
       }
     const double eps = cholesky_with_ridge(G_.data(), k, L_.data());
-    errors_from_products(b_, k, L_.data(), eps, Z_.data(), b_.r, ps_, e_w, e_o);
+    errors_from_products(b_, k, L_.data(), eps, Z_.data(), nb_, ps_, e_w, e_o);
   }
 
   const LayerBasis& b_;
   const ColumnOrder& order_;
-  const double* B_;
+  const double* B_;  // N (d2×nb_): the chains keep Z = C_m·N
+  int64_t nb_;
   int64_t kmax_ = 0, k_ = 0, s_ = 0;
   std::vector<double> Z_, Gb_, R_, CmT_, G_, L_;
   std::vector<int32_t> p_;  // per column: the mask is the rows < k_ among its first p_ positions

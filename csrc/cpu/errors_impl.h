@@ -18,7 +18,8 @@ struct LayerBasis {
   /// A = F Fᵀ and Σ²/‖W_L‖² = F Θ Fᵀ, so with T = L⁻¹ C_m (V F) the captured energies are
   /// Σ_c θ_c‖t_c‖² (output) and Σ_c (1−θ_c)‖t_c‖² (weight), both relative.
   bool one_solve = false;
-  std::vector<double> N;      ///< d2×r: V·F
+  std::vector<double> N;      ///< d2×nb: V·F (one-solve, nb = r), else [V·Σ | V·Rᵀ] (nb = 2r, keep_R)
+  int64_t nb = 0;             ///< columns of N
   std::vector<double> theta;  ///< r, in [0, 1]
   double norm_WL2 = 0;        ///< Σ σ_i²
   double norm_W2 = 0;         ///< ‖W‖_F²
@@ -80,7 +81,7 @@ struct ProductScratch {
 };
 
 /// Both relative errors of a candidate from its Cholesky factor L (k×k, of C_m C_mᵀ + εI) and
-/// Z = C_m·N (one-solve basis) or C_m·V (otherwise), k×r with leading dimension ldz.
+/// Z = C_m·N, k×nb with leading dimension ldz.
 void errors_from_products(const LayerBasis& b, int64_t k, const double* L, double eps,
                           const double* Z, int64_t ldz, ProductScratch& w, double* e_w, double* e_o);
 
