@@ -376,6 +376,7 @@ void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_ba
     std::vector<Chain> chains;
   };
   std::vector<std::unique_ptr<Layer>> layers(m);
+  std::vector<size_t> chains_left(m, 0);
   struct Task {
     int64_t layer;
     size_t chain;
@@ -410,7 +411,8 @@ void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_ba
           if (kord > 0) layer->order = column_order(layer->b, kord, 1);
           lock.lock();
           for (size_t t = 0; t < layer->chains.size(); ++t) ready.push_back({l, t, layer->chains[t].cost});
-          layers[l] = std::move(layer);
+          chains_left[l] = layer->chains.size();
+          if (chains_left[l] > 0) layers[l] = std::move(layer);
           --bases_left;
           cv.notify_all();
         } else if (!ready.empty()) {
@@ -427,6 +429,10 @@ void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_ba
           }
           state->run(layer.chains[task.chain], cand[task.layer], e_weight[task.layer], e_output[task.layer]);
           lock.lock();
+          if (--chains_left[task.layer] == 0) {  // its last chain: the basis can go
+            if (state_layer == task.layer) state.reset(), state_layer = -1;
+            layers[task.layer].reset();
+          }
         } else if (bases_left == 0) {
           break;
         } else {

@@ -130,7 +130,7 @@ def whitened_errors_layers(Ws, Ss, candidates, num_threads: int = 0):
     ``(e_weight, e_output)`` pairs. The layers' bases run side by side (single-threaded BLAS each)
     and the pool then takes every layer's candidates, longest first, so both cores stay busy;
     errors equal per-layer calls to rounding (~1e-13) and do not depend on ``num_threads``.
-    CPU only; memory holds up to ``num_threads`` layer bases at once.
+    CPU only; memory peaks near all layers' bases at once (each is freed after its candidates).
     """
     Ws, Ss, candidates = list(Ws), list(Ss), list(candidates)
     if not len(Ws) == len(Ss) == len(candidates):

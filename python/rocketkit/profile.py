@@ -24,8 +24,9 @@ REDUCED_CRS = tuple(round(0.1 * i, 1) for i in range(1, 8))  # 0.1 .. 0.7
 REDUCED_KS = (1.0, 1.5, 2.0, 2.5, 3.0)
 
 # A block whose linears all have at most this many weights is profiled in one pooled call
-# (whitened_errors_layers): it holds every S of the block and one layer basis per thread at once,
-# which is small up to 1B-class widths (2048×8192); wider blocks go layer by layer, one S at a time.
+# (whitened_errors_layers): it holds every S and every layer basis of the block at once, ~100 MB
+# for SmolLM2 and, by estimate, about 2 GB for a 2048×8192-wide block; wider blocks go layer by
+# layer, one S at a time.
 POOLED_PROFILE_MAX_ELEMENTS = 1 << 24
 
 # Indices of C fit int16 while every row index k' < k is representable.
