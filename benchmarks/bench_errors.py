@@ -10,6 +10,7 @@ equations, Cholesky, same ridge rule), Ŵ = S⁻¹D*C by a triangular solve, the
     python benchmarks/bench_errors.py --quick             # small shapes only, baseline subsampled
     python benchmarks/bench_errors.py --shapes 576x1536 --threads 2 --refcheck
     python benchmarks/bench_errors.py --device cuda       # 70B-shaped layers on the GPU (see bench_cuda)
+    python benchmarks/bench_errors.py --smollm2-block --threads 2 --against /path/to/old/_C.so
 """
 
 from __future__ import annotations
@@ -143,6 +144,84 @@ def bench_shape(d1, d2, threads, refcheck, baseline_stride):
     print(f"peak RSS {peak_rss_mib():.0f} MiB;  errors agree to 1e-9: {'yes' if ok else 'NO'}")
     return ok
 
+
+
+# ---- --smollm2-block ----------------------------------------------------------------------------
+# The seven linears of one SmolLM2-135M block (d1×d2, y = x·W), grouped by the input Gram they share.
+BLOCK_SMOLLM2 = [[("q", 576, 576), ("k", 576, 192), ("v", 576, 192)], [("o", 576, 576)],
+                 [("gate", 576, 1536), ("up", 576, 1536)], [("down", 1536, 576)]]
+
+
+def load_other_core(path: str):
+    """Another build of rocketkit's native module (e.g. an older commit's _C*.so), to time side by side."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_smollm2_block(threads: int, against: str | None, repeats: int):
+    """One SmolLM2 block's profile (what ``profile_block`` spends in the native core) on synthetic
+    layers of its shapes, full grid, one S per shared input: this build as profile_block calls it
+    (the block in one ``whitened_errors_layers`` call), and optionally another build (layer by
+    layer if it predates that entry point), in the same run."""
+    from rocketkit import _C
+
+    cores = {"this build": _C}
+    if against:
+        cores["other build (--against)"] = load_other_core(against)
+    groups = []
+    for g, members in enumerate(BLOCK_SMOLLM2):
+        d1 = members[0][1]
+        S = synthetic_layer(d1, d1, seed=1000 + g)[1]
+        layers = []
+        for name, _, d2 in members:
+            W = synthetic_layer(d1, d2, seed=d1 * 31 + d2 + len(layers))[0]
+            layers.append((name, W, candidate_grid(d1, d2)[0]))
+        groups.append((S, layers))
+    n = sum(len(c) for _, layers in groups for *_, c in layers)
+    names = ", ".join(f"{a} {b}x{c}" for g in BLOCK_SMOLLM2 for a, b, c in g)
+    print(f"\n== one SmolLM2-135M block: {names}; {n} candidates in all, {threads} threads, best of {repeats}"
+          + (f"; other build: {against}" if against else ""))
+
+    def run(core):
+        if hasattr(core, "whitened_errors_layers"):  # the whole block in one pooled call
+            t0 = time.perf_counter()
+            jobs = [(S, W, c) for S, layers in groups for _, W, c in layers]
+            out = list(core.whitened_errors_layers([W for _, W, _ in jobs], [S for S, _, _ in jobs],
+                                                   [c for *_, c in jobs], threads))
+            return out, [time.perf_counter() - t0]
+        out, per = [], []
+        for S, layers in groups:
+            for _, W, c in layers:
+                t0 = time.perf_counter()
+                out.append(core.whitened_errors(W, S, c, threads))
+                per.append(time.perf_counter() - t0)
+        return out, per
+
+    for core in cores.values():  # warm-up
+        core.whitened_errors(groups[0][1][1][1], groups[0][0], groups[0][1][1][2][:4], threads)
+    best, out = {}, {}
+    for _ in range(repeats):
+        for label, core in cores.items():  # interleaved, so that both see the same machine load
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            out[label], per = run(core)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            if label not in best or wall < best[label][0]:
+                best[label] = (wall, cpu, per)
+    for label, (wall, cpu, per) in best.items():
+        detail = ("one pooled call (whitened_errors_layers)" if len(per) == 1 else
+                  "  ".join(f"{name} {t:.2f}" for (name, *_), t in zip((m for g in BLOCK_SMOLLM2 for m in g), per)))
+        print(f"{label:<24}: block {wall:7.3f} s wall, {cpu:7.3f} s CPU  |  {detail}")
+    if against:
+        (a, (wa, ca, _)), (b, (wb, cb, _)) = best.items()
+        diff = max(np.abs(np.asarray(x) - np.asarray(y)).max()
+                   for ra, rb in zip(out[a], out[b]) for x, y in zip(ra, rb))
+        print(f"ratio other / this build: {wb / wa:7.2f}x wall, {cb / ca:.2f}x CPU; "
+              f"max |e_this - e_other| {diff:.2e}")
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 
 # ---- --device cuda -----------------------------------------------------------------------------
@@ -302,6 +381,11 @@ def main():
     ap.add_argument("--svd", default="auto", help="cuda: SVD driver (auto, gesvdp, gesvd)")
     ap.add_argument("--cpu-shape", default="1024x1024", help="cuda: also time rocketkit's CPU path on this shape")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="cuda: fp64 peak to compare with (0 = by name)")
+    ap.add_argument("--smollm2-block", action="store_true",
+                    help="time one SmolLM2 block's seven layers (full grid) instead of --shapes")
+    ap.add_argument("--against", default=None,
+                    help="--smollm2-block: also time this other build of the native module (a _C*.so path)")
+    ap.add_argument("--repeats", type=int, default=1, help="--smollm2-block: best of this many runs")
     args = ap.parse_args()
     if args.device == "cuda":
         return main_cuda(args)
@@ -311,6 +395,8 @@ def main():
     shapes = "256x640,640x256" if args.quick else args.shapes
     print(f"device: {cpu_name()}, {os.cpu_count()} logical cores; threads = {threads}; "
           f"torch {torch.__version__}, numpy {np.__version__}; fp64 throughout")
+    if args.smollm2_block:
+        return bench_smollm2_block(threads, args.against, args.repeats)
     ok = True
     for shape in shapes.split(","):
         d1, d2 = (int(x) for x in shape.lower().split("x"))

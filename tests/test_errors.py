@@ -327,3 +327,89 @@ def test_unmasked_candidate_is_whitened_truncated_svd(d1, d2):
         ref_w = np.linalg.norm(W - ref) / np.linalg.norm(W)
         ref_o = np.sqrt(max(np.sum(sig[k:] ** 2), 0.0)) / np.linalg.norm(sig)
         assert abs(ew[c] - ref_w) < 1e-9 and abs(eo[c] - ref_o) < 1e-9
+
+
+# ---- chains of mask updates and the shared pool ---------------------------------------------
+def test_chain_steps_in_any_order():
+    """Candidates in a scrambled order with k and s moving both ways, far and near: the chain
+    updates (per-column prefix moves, cuts at long jumps) still give the reference errors."""
+    rng = np.random.default_rng(23)
+    d1, d2 = 29, 47
+    W, S = random_W(rng, d1, d2, decay=0.08), random_S(rng, d1, outliers=2, scale=30.0)
+    ks = rng.integers(2, d1 + 1, size=90)
+    cands = np.array([(k, rng.integers(1, k + 1)) for k in ks] + [(29, 28), (29, 27), (28, 28), (3, 1)],
+                     dtype=np.int64)
+    cands = cands[rng.permutation(len(cands))]
+    ew, eo = _native.whitened_errors(W, S, cands, num_threads=2)
+    rw, ro = reference_errors(W, S, cands)
+    np.testing.assert_allclose(ew, rw, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
+
+
+def test_default_grid_odd_shape():
+    """The default (cr, ks) grid on an odd, wide layer: the chain order it induces is the one
+    profiling uses in practice."""
+    from rocketkit.profile import candidate_grid
+
+    rng = np.random.default_rng(29)
+    d1, d2 = 37, 83
+    W, S = random_W(rng, d1, d2, decay=0.03), random_S(rng, d1)
+    g = candidate_grid(d1, d2)
+    cands = np.stack([g.k, g.s], axis=1)
+    assert len(cands) > 200
+    ew, eo = _native.whitened_errors(W, S, cands)
+    rw, ro = reference_errors(W, S, cands)
+    np.testing.assert_allclose(ew, rw, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
+
+
+def test_pooled_layers_match_single_layers():
+    """whitened_errors_layers: the reference errors per layer, equal to per-layer calls to
+    rounding, identical for every thread count; a shared S, a zero layer and a layer without
+    candidates included."""
+    rng = np.random.default_rng(31)
+    S1, S2 = random_S(rng, 41, outliers=2, scale=20.0), random_S(rng, 17)
+    Ws = [random_W(rng, 41, 41), random_W(rng, 41, 13), np.zeros((41, 7)), random_W(rng, 17, 67),
+          random_W(rng, 41, 5), random_W(rng, 17, 3)]
+    Ss = [S1, S1, S1, S2, S1, S2]
+    # (not (3, 1) on the 17×3 layer: a mask that rebuilds W exactly has error 0, which the
+    # one-solve path resolves only to ~1e-8, the square root of its rounding, as before)
+    cands = [grid(41, 41), grid(41, 13), grid(41, 7), grid(17, 67), np.zeros((0, 2), dtype=np.int64),
+             np.array([(1, 1), (2, 1), (2, 2), (3, 3)], dtype=np.int64)]
+    runs = [_native.whitened_errors_layers(Ws, Ss, cands, num_threads=t) for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for (a, b), (c, d) in zip(runs[0], other):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+    for W, S, c, (ew, eo) in zip(Ws, Ss, cands, runs[0]):
+        assert ew.shape == eo.shape == (len(c),)
+        if not len(c):
+            continue
+        sw, so = _native.whitened_errors(W, S, c)
+        np.testing.assert_allclose(ew, sw, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(eo, so, rtol=0, atol=1e-12)
+        if W.any():
+            rw, ro = reference_errors(W, S, c)
+            np.testing.assert_allclose(ew, rw, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(eo, ro, rtol=0, atol=1e-9)
+        else:
+            assert not ew.any() and not eo.any()
+    assert _native.whitened_errors_layers([], [], []) == []
+
+
+def test_pooled_layers_validation():
+    rng = np.random.default_rng(37)
+    S = random_S(rng, 9)
+    W = random_W(rng, 9, 5)
+    with pytest.raises(ValueError, match="one of each per layer"):
+        _native.whitened_errors_layers([W, W], [S, S], [grid(9, 5)])
+    with pytest.raises(ValueError, match=r"\[whitened_errors\] S must be"):
+        _native.whitened_errors_layers([W, random_W(rng, 8, 5)], [S, S], [grid(9, 5), grid(8, 5)])
+    with pytest.raises(ValueError, match=r"\[whitened_errors\].*rank k"):  # checked before any work
+        _native.whitened_errors_layers([W, W], [S, S], [grid(9, 5), np.array([[6, 1]])])
+    with pytest.raises(ValueError, match="num_threads"):
+        _native.whitened_errors_layers([W], [S], [grid(9, 5)], num_threads=-1)
+    bad = S.copy()
+    bad[2, 2] = 0.0
+    with pytest.raises(ValueError, match="positive finite diagonal"):
+        _native.whitened_errors_layers([W, W], [S, bad], [grid(9, 5), grid(9, 5)])

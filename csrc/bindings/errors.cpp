@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "arrays.h"
 #include "rocketkit/cuda.h"
@@ -40,6 +41,47 @@ void bind_errors(py::module_& m) {
         return py::make_tuple(e_w, e_o);
       },
       py::arg("W"), py::arg("S"), py::arg("candidates"), py::arg("num_threads") = 0);
+
+  m.def(
+      "whitened_errors_layers",
+      [](py::list Ws, py::list Ss, py::list candidates, int num_threads) {
+        if (Ws.size() != Ss.size() || Ws.size() != candidates.size())
+          throw std::invalid_argument("[whitened_errors] need one S and one candidate array per weight");
+        const int64_t m = int64_t(Ws.size());
+        std::vector<CArrayD> W, S, e_w, e_o;
+        std::vector<CArrayI64> cand;
+        std::vector<const double*> Wp, Sp;
+        std::vector<const int64_t*> cp;
+        std::vector<double*> ewp, eop;
+        std::vector<int64_t> d1, d2, n;
+        for (int64_t l = 0; l < m; ++l) {
+          W.push_back(aligned(Ws[l].cast<CArrayD>()));
+          S.push_back(aligned(Ss[l].cast<CArrayD>()));
+          cand.push_back(aligned(candidates[l].cast<CArrayI64>()));
+          check_shapes("whitened_errors", W[l], S[l]);
+          if (cand[l].ndim() != 2 || cand[l].shape(1) != 2)
+            throw std::invalid_argument("[whitened_errors] candidates must be (n, 2)");
+          d1.push_back(W[l].shape(0));
+          d2.push_back(W[l].shape(1));
+          n.push_back(cand[l].shape(0));
+          e_w.emplace_back(n[l]);
+          e_o.emplace_back(n[l]);
+          Wp.push_back(W[l].data());
+          Sp.push_back(S[l].data());
+          cp.push_back(cand[l].data());
+          ewp.push_back(e_w[l].mutable_data());
+          eop.push_back(e_o[l].mutable_data());
+        }
+        {
+          py::gil_scoped_release nogil;
+          rocketkit::whitened_errors_layers(m, Wp.data(), Sp.data(), d1.data(), d2.data(), cp.data(),
+                                            n.data(), ewp.data(), eop.data(), num_threads);
+        }
+        py::list out;
+        for (int64_t l = 0; l < m; ++l) out.append(py::make_tuple(e_w[l], e_o[l]));
+        return out;
+      },
+      py::arg("Ws"), py::arg("Ss"), py::arg("candidates"), py::arg("num_threads") = 0);
 
   m.def(
       "factorize",

@@ -138,7 +138,18 @@ LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64
       b.R.assign(r * r, 0.0);
       for (int64_t i = 0; i < r; ++i)
         for (int64_t j = i; j < r; ++j) b.R[i * r + j] = M[i * r + j];
+      // N = [V·Σ | V·Rᵀ] (d2×2r): the chains update C_m·N directly, so a candidate needs no
+      // r×r triangular product of its own.
+      b.N.assign(size_t(d2) * 2 * r, 0.0);
+      for (int64_t j = 0; j < d2; ++j)
+        for (int64_t c = 0; c < r; ++c) {
+          b.N[j * 2 * r + c] = b.Vt[j * r + c] * b.sigma[c];
+          b.N[j * 2 * r + r + c] = b.Vt[j * r + c];
+        }
+      scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(d2), int(r),
+                        1.0, b.R.data(), int(r), b.N.data() + r, int(2 * r));
     }
+    b.nb = b.one_solve ? r : 2 * r;
   }
   return b;
 }
@@ -149,6 +160,7 @@ ColumnOrder column_order(const LayerBasis& b, int64_t kord, int threads) {
   ColumnOrder order;
   order.kord = kord;
   order.rows.resize(size_t(b.d2) * size_t(kord));
+  order.pos.resize(size_t(b.d2) * size_t(kord));
   auto sort_columns = [&](int64_t j0, int64_t j1) {
     std::vector<double> mag(kord);
     for (int64_t j = j0; j < j1; ++j) {
@@ -157,6 +169,8 @@ ColumnOrder column_order(const LayerBasis& b, int64_t kord, int threads) {
       int32_t* o = order.rows.data() + j * kord;
       std::iota(o, o + kord, 0);
       std::sort(o, o + kord, [&](int32_t a, int32_t c) { return mag[a] > mag[c] || (mag[a] == mag[c] && a < c); });
+      int32_t* q = order.pos.data() + j * kord;
+      for (int64_t p = 0; p < kord; ++p) q[o[p]] = int32_t(p);
     }
   };
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, b.d2 / 64)));
@@ -277,17 +291,10 @@ void errors_from_products(const LayerBasis& b, int64_t k, const double* L, doubl
     *e_w = std::sqrt(std::max(0.0, 1.0 - cap_w));
     return;
   }
-  // T = [Y·Σ | Y·Rᵀ] (k×2r) with Y = Z = C_m·V, then T := L⁻¹T in one triangular solve.
+  // T = L⁻¹·Z with Z = C_m·[V·Σ | V·Rᵀ] (k×2r).
   w.T.resize(size_t(k) * 2 * r);
   double* T = w.T.data();
-  for (int64_t i = 0; i < k; ++i) {
-    double* row = T + i * 2 * r;
-    const double* y = Z + i * ldz;
-    for (int64_t c = 0; c < r; ++c) row[c] = y[c] * b.sigma[c];
-    std::memcpy(row + r, y, sizeof(double) * size_t(r));
-  }
-  scipy_cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, int(k), int(r), 1.0,
-              b.R.data(), int(r), T + r, int(2 * r));
+  for (int64_t i = 0; i < k; ++i) std::memcpy(T + i * 2 * r, Z + i * ldz, sizeof(double) * size_t(2 * r));
   scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(k), int(2 * r),
               1.0, L, int(k), T, int(2 * r));
   double cap_o = block_sum_squares(T, k, r, 2 * r);
@@ -438,6 +445,64 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
   // Candidates run single-threaded BLAS, in parallel with each other.
   BlasThreads pin(1);
   profile_candidates(b, candidates, n, e_weight, e_output, num_threads > 0 ? num_threads : hw);
+}
+
+void whitened_errors_layers(int64_t m, const double* const* W, const double* const* S, const int64_t* d1,
+                            const int64_t* d2, const int64_t* const* candidates, const int64_t* n,
+                            double* const* e_weight, double* const* e_output, int num_threads) {
+  const char* fn = "whitened_errors";
+  ROCKETKIT_CHECK(m >= 0, fn, "layer count must be >= 0, got ", m);
+  ROCKETKIT_CHECK(num_threads >= 0, fn, "num_threads must be >= 0, got ", num_threads);
+  if (m == 0) return;
+  ROCKETKIT_CHECK(W != nullptr && S != nullptr && d1 != nullptr && d2 != nullptr && candidates != nullptr &&
+                      n != nullptr && e_weight != nullptr && e_output != nullptr,
+                  fn, "layer arrays must not be null");
+  for (int64_t l = 0; l < m; ++l) {
+    check_layer(fn, W[l], S[l], d1[l], d2[l]);
+    ROCKETKIT_CHECK(n[l] >= 0, fn, "layer ", l, ": candidate count must be >= 0, got ", n[l]);
+    if (n[l] == 0) continue;
+    ROCKETKIT_CHECK(candidates[l] != nullptr && e_weight[l] != nullptr && e_output[l] != nullptr, fn,
+                    "layer ", l, ": candidates and outputs must not be null");
+    const int64_t r = std::min(d1[l], d2[l]);
+    for (int64_t c = 0; c < n[l]; ++c) check_candidate(fn, candidates[l][2 * c], candidates[l][2 * c + 1], r, c);
+  }
+  // Layers left to profile: not empty, not all zeros (documented: zero errors).
+  std::vector<int64_t> todo;
+  for (int64_t l = 0; l < m; ++l) {
+    if (n[l] == 0) continue;
+    bool zero = true;
+    for (int64_t i = 0; i < d1[l] * d2[l] && zero; ++i) zero = W[l][i] == 0;
+    if (zero) {
+      std::fill(e_weight[l], e_weight[l] + n[l], 0.0);
+      std::fill(e_output[l], e_output[l] + n[l], 0.0);
+    } else {
+      todo.push_back(l);
+    }
+  }
+  std::vector<ScaledLayer> scaled;
+  for (int64_t l : todo) {
+    scaled.push_back(rescale_layer(W[l], S[l], d1[l], d2[l]));
+    check_scaled_diagonal(fn, scaled.back(), d1[l]);
+  }
+  std::vector<const int64_t*> cand;
+  std::vector<int64_t> count;
+  std::vector<double*> ew, eo;
+  for (int64_t l : todo) {
+    cand.push_back(candidates[l]);
+    count.push_back(n[l]);
+    ew.push_back(e_weight[l]);
+    eo.push_back(e_output[l]);
+  }
+  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  // Every basis and every candidate runs single-threaded BLAS, side by side.
+  BlasThreads pin(1);
+  profile_layers(
+      int64_t(todo.size()),
+      [&](int64_t t) {
+        const int64_t l = todo[t];
+        return build_layer_basis(scaled[t].W, scaled[t].S, d1[l], d2[l], /*keep_U=*/false, /*keep_R=*/true);
+      },
+      cand.data(), count.data(), ew.data(), eo.data(), num_threads > 0 ? num_threads : hw);
 }
 
 void factorize(const double* W, const double* S, int64_t d1, int64_t d2, int64_t k, int64_t s,

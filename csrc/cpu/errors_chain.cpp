@@ -13,9 +13,12 @@
 // fixed by the candidate list alone, so results do not depend on the thread count.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -91,44 +94,59 @@ struct Chain {
   double cost = 0;               // rough flops, to schedule the longest chains first
 };
 
-// Direct candidates (no mask) go to `direct`; the rest are ordered by ks = k/s in tenths, then
-// by k, snaking (k up in one ks group, down in the next) so consecutive candidates stay close,
-// and cut into chains of at most kChainLength.
+// How far apart two masked candidates' masks are, roughly, as a fraction of the nonzeros: the
+// change of s (entries every column gains or loses) plus the change of the masked share 1 − s/k
+// (entries that trade places). Fitted on the default grid's masks of synthetic layers; it only
+// steers the order, never the result beyond rounding.
+double mask_distance(int64_t k0, int64_t s0, int64_t k1, int64_t s1) {
+  const double share0 = double(s0) / double(k0), share1 = double(s1) / double(k1);
+  return std::fabs(std::log(double(s1) / double(s0))) + 1.3 * std::fabs(share1 - share0);
+}
+
+// Past this distance a dense restart did better than a step (fewest updated entries on the
+// default grid's synthetic layers).
+constexpr double kChainCut = 0.3;
+
+// Direct candidates (no mask) go to `direct`; the rest are visited by nearest neighbour in
+// mask_distance from the smallest k (ties to the lower index), and the path is cut into chains
+// of at most kChainLength, and wherever a step is longer than kChainCut.
 std::vector<Chain> make_chains(const LayerBasis& b, const int64_t* cand, int64_t n,
                                std::vector<int64_t>& direct) {
-  struct Key {
-    int64_t group, k, index;
-  };
-  std::vector<Key> keys;
+  std::vector<int64_t> left;
   for (int64_t c = 0; c < n; ++c) {
     const int64_t k = cand[2 * c], s = cand[2 * c + 1];
-    if (s == k && b.sigma[k - 1] * b.sigma[k - 1] > 0) {
-      direct.push_back(c);
-      continue;
-    }
-    keys.push_back({std::llround(10.0 * double(k) / double(s)), k, c});
-  }
-  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& c) {
-    if (a.group != c.group) return a.group < c.group;
-    if (a.k != c.k) return a.k < c.k;
-    return a.index < c.index;
-  });
-  std::vector<int64_t> order;
-  bool up = true;
-  for (size_t g0 = 0; g0 < keys.size();) {
-    size_t g1 = g0;
-    while (g1 < keys.size() && keys[g1].group == keys[g0].group) ++g1;
-    if (up)
-      for (size_t i = g0; i < g1; ++i) order.push_back(keys[i].index);
-    else
-      for (size_t i = g1; i-- > g0;) order.push_back(keys[i].index);
-    up = !up;
-    g0 = g1;
+    if (s == k && b.sigma[k - 1] * b.sigma[k - 1] > 0) direct.push_back(c);
+    else left.push_back(c);
   }
   std::vector<Chain> chains;
-  for (size_t i = 0; i < order.size(); i += kChainLength) {
+  if (left.empty()) return chains;
+  size_t first = 0;
+  for (size_t t = 1; t < left.size(); ++t)
+    if (cand[2 * left[t]] < cand[2 * left[first]]) first = t;
+  std::vector<int64_t> path{left[first]};
+  std::vector<double> jump{0.0};
+  left.erase(left.begin() + first);
+  while (!left.empty()) {
+    const int64_t at = path.back();
+    size_t best = 0;
+    double best_d = std::numeric_limits<double>::infinity();
+    for (size_t t = 0; t < left.size(); ++t) {
+      const int64_t c = left[t];
+      const double d = mask_distance(cand[2 * at], cand[2 * at + 1], cand[2 * c], cand[2 * c + 1]);
+      if (d < best_d || (d == best_d && c < left[best])) {
+        best_d = d;
+        best = t;
+      }
+    }
+    path.push_back(left[best]);
+    jump.push_back(best_d);
+    left.erase(left.begin() + best);
+  }
+  for (size_t i = 0; i < path.size();) {
     Chain ch;
-    ch.members.assign(order.begin() + i, order.begin() + std::min(order.size(), i + kChainLength));
+    ch.members.push_back(path[i++]);
+    while (i < path.size() && int64_t(ch.members.size()) < kChainLength && jump[i] <= kChainCut)
+      ch.members.push_back(path[i++]);
     // The dense start is the expensive step: begin at the cheaper end.
     if (cand[2 * ch.members.back()] < cand[2 * ch.members.front()])
       std::reverse(ch.members.begin(), ch.members.end());
@@ -148,25 +166,18 @@ std::vector<Chain> make_chains(const LayerBasis& b, const int64_t* cand, int64_t
 class ChainState {
  public:
   ChainState(const LayerBasis& b, const ColumnOrder& order)
-      : b_(b), order_(order), B_(b.one_solve ? b.N.data() : b.Vt.data()) {}
+      : b_(b), order_(order), B_(b.N.data()), nb_(b.nb) {}
 
   void run(const Chain& chain, const int64_t* cand, double* e_weight, double* e_output) {
-    kmax_ = smax_ = 0;
-    for (int64_t c : chain.members) {
-      kmax_ = std::max(kmax_, cand[2 * c]);
-      smax_ = std::max(smax_, cand[2 * c + 1]);
-    }
-    const int64_t d2 = b_.d2, r = b_.r;
-    Z_.assign(size_t(kmax_) * r, 0.0);
+    kmax_ = 0;
+    for (int64_t c : chain.members) kmax_ = std::max(kmax_, cand[2 * c]);
+    const int64_t d2 = b_.d2;
+    Z_.assign(size_t(kmax_) * nb_, 0.0);
     Gb_.assign(size_t(kmax_) * kmax_, 0.0);
     R_.assign(size_t(kmax_) * kmax_, 0.0);
     CmT_.assign(size_t(d2) * kmax_, 0.0);
-    kept_.assign(size_t(d2) * smax_, 0);
-    kept_n_.assign(d2, 0);
-    stamp_.assign(size_t(d2) * kmax_, 0);
-    generation_ = 1;
+    p_.assign(d2, 0);
     row_count_.assign(kmax_, 0);
-    new_rows_.resize(smax_);
     bool first = true;
     for (int64_t c : chain.members) {
       const int64_t k = cand[2 * c], s = cand[2 * c + 1];
@@ -180,55 +191,72 @@ class ChainState {
  private:
   double coef(int64_t i, int64_t j) const { return b_.sigma[i] * b_.Vt[j * b_.r + i]; }
 
-  // Dense products for the chain's first candidate.
+  // Dense products for the chain's first candidate. Column j's mask is the rows < k among the
+  // first p_[j] entries of its order (select_column stops there), so (k, p_[j]) is its state.
   void start(int64_t k, int64_t s) {
-    const int64_t d2 = b_.d2, r = b_.r;
+    const int64_t d2 = b_.d2, kord = order_.kord;
     for (int64_t j = 0; j < d2; ++j) {
-      int32_t* rows = kept_.data() + j * smax_;
-      select_column(order_, j, k, s, rows);
-      kept_n_[j] = int32_t(s);
-      for (int64_t t = 0; t < s; ++t) {
-        CmT_[j * kmax_ + rows[t]] = coef(rows[t], j);
-        stamp_[j * kmax_ + rows[t]] = generation_;
-        ++row_count_[rows[t]];
+      const int32_t* o = order_.rows.data() + j * kord;
+      int64_t p = 0;
+      for (int64_t t = 0; t < s; ++p) {
+        const int32_t i = o[p];
+        if (i >= k) continue;
+        CmT_[j * kmax_ + i] = coef(i, j);
+        ++row_count_[i];
+        ++t;
       }
+      p_[j] = int32_t(p);
     }
     scipy_cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(k), int(d2), 1.0, CmT_.data(),
                       int(kmax_), 0.0, Gb_.data(), int(kmax_));
-    scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(k), int(r), int(d2), 1.0,
-                      CmT_.data(), int(kmax_), B_, int(r), 0.0, Z_.data(), int(r));
+    scipy_cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(k), int(nb_), int(d2), 1.0,
+                      CmT_.data(), int(kmax_), B_, int(nb_), 0.0, Z_.data(), int(nb_));
     k_ = k;
+    s_ = s;
   }
 
+  // From (k_, s_) to (k, s): per column only the order positions between the old and the new
+  // prefix length and the rows between the old and the new k can change, so a column costs
+  // |Δp| + |Δk| instead of a rescan of its prefix.
   void step(int64_t k, int64_t s) {
-    const int64_t d2 = b_.d2, r = b_.r;
+    const int64_t d2 = b_.d2, kord = order_.kord;
     d_row_.clear();
     d_col_.clear();
     d_val_.clear();
-    // A kept entry carries the generation of the last step that kept it: one pass over the new
-    // rows finds what a column gains, one over the old rows what it loses.
-    const uint32_t prev = generation_++, cur = generation_;
+    const int64_t k0 = k_, klo = std::min(k, k0);
     for (int64_t j = 0; j < d2; ++j) {
-      select_column(order_, j, k, s, new_rows_.data());
-      uint32_t* st = stamp_.data() + j * kmax_;
-      for (int64_t a = 0; a < s; ++a) {
-        const int32_t i = new_rows_[a];
-        if (st[i] != prev) {
-          push_delta(i, j, coef(i, j));
-          ++row_count_[i];
-        }
-        st[i] = cur;
+      const int32_t* o = order_.rows.data() + j * kord;
+      const int32_t* ps = order_.pos.data() + j * kord;
+      const int64_t p0 = p_[j];
+      // Rows < k among the first p0 positions, then move the prefix until it holds s of them
+      // and ends on one (the shortest such prefix, as select_column takes).
+      int64_t cnt = s_;
+      if (k > k0) {
+        for (int64_t i = k0; i < k; ++i) cnt += ps[i] < p0;
+      } else {
+        for (int64_t i = k; i < k0; ++i) cnt -= ps[i] < p0;
       }
-      int32_t* old_rows = kept_.data() + j * smax_;
-      for (int64_t o = 0; o < kept_n_[j]; ++o) {
-        const int32_t i = old_rows[o];
-        if (st[i] != cur) {
-          push_delta(i, j, -coef(i, j));
-          --row_count_[i];
-        }
+      int64_t p = p0;
+      if (cnt < s) {
+        for (; cnt < s; ++p) cnt += o[p] < k;
+      } else {
+        for (; cnt > s || o[p - 1] >= k; --p) cnt -= o[p - 1] < k;
       }
-      std::copy(new_rows_.begin(), new_rows_.begin() + s, old_rows);
-      kept_n_[j] = int32_t(s);
+      // Positions between the two prefixes change rows below both k's; rows between the two
+      // k's change by their own position.
+      const double sign = p > p0 ? 1.0 : -1.0;
+      for (int64_t t = std::min(p, p0), t1 = std::max(p, p0); t < t1; ++t) {
+        const int32_t i = o[t];
+        if (i < klo) delta(i, j, sign);
+      }
+      if (k > k0) {
+        for (int64_t i = k0; i < k; ++i)
+          if (ps[i] < p) delta(int32_t(i), j, 1.0);
+      } else {
+        for (int64_t i = k; i < k0; ++i)
+          if (ps[i] < p0) delta(int32_t(i), j, -1.0);
+      }
+      p_[j] = int32_t(p);
     }
     const int64_t width = std::max(k, k_);
     if (!d_val_.empty()) {
@@ -238,11 +266,18 @@ class ChainState {
       csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, d2, CmT_.data(), kmax_, width, R_.data(),
                           kmax_, cursor_);
       for (size_t p = 0; p < d_val_.size(); ++p) CmT_[int64_t(d_col_[p]) * kmax_ + d_row_[p]] += 0.5 * d_val_[p];
-      csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, d2, B_, r, r, Z_.data(), r, cursor_);
+      csr_times_dense_add(rowptr_, csr_col_, csr_val_, width, d2, B_, nb_, nb_, Z_.data(), nb_, cursor_);
       for (int64_t i = 0; i < width; ++i)
         if (row_count_[i] == 0 && rowptr_[i + 1] > rowptr_[i]) clear_row(i);
     }
     k_ = k;
+    s_ = s;
+  }
+
+  // Entry (i, j) enters (sign +1) or leaves (−1) the mask.
+  void delta(int32_t i, int64_t j, double sign) {
+    push_delta(i, j, sign * coef(i, j));
+    row_count_[i] += sign > 0 ? 1 : -1;
   }
 
   void push_delta(int32_t i, int64_t j, double v) {
@@ -267,7 +302,7 @@ class ChainState {
 
   // An atom no column keeps any more: its row and column of G and its row of Z are exactly 0.
   void clear_row(int64_t i) {
-    std::fill(Z_.begin() + i * b_.r, Z_.begin() + (i + 1) * b_.r, 0.0);
+    std::fill(Z_.begin() + i * nb_, Z_.begin() + (i + 1) * nb_, 0.0);
     for (int64_t t = 0; t < kmax_; ++t) {
       Gb_[i * kmax_ + t] = Gb_[t * kmax_ + i] = 0.0;
       R_[i * kmax_ + t] = R_[t * kmax_ + i] = 0.0;
@@ -283,17 +318,16 @@ class ChainState {
         G_[a * k + c] = G_[c * k + a] = g;
       }
     const double eps = cholesky_with_ridge(G_.data(), k, L_.data());
-    errors_from_products(b_, k, L_.data(), eps, Z_.data(), b_.r, ps_, e_w, e_o);
+    errors_from_products(b_, k, L_.data(), eps, Z_.data(), nb_, ps_, e_w, e_o);
   }
 
   const LayerBasis& b_;
   const ColumnOrder& order_;
-  const double* B_;
-  int64_t kmax_ = 0, smax_ = 0, k_ = 0;
+  const double* B_;  // N (d2×nb_): the chains keep Z = C_m·N
+  int64_t nb_;
+  int64_t kmax_ = 0, k_ = 0, s_ = 0;
   std::vector<double> Z_, Gb_, R_, CmT_, G_, L_;
-  std::vector<int32_t> kept_, kept_n_, new_rows_;
-  std::vector<uint32_t> stamp_;
-  uint32_t generation_ = 1;
+  std::vector<int32_t> p_;  // per column: the mask is the rows < k_ among its first p_ positions
   std::vector<int64_t> row_count_;
   std::vector<int32_t> d_row_, d_col_, rowptr_, cursor_, csr_col_;
   std::vector<double> d_val_, csr_val_;
@@ -326,6 +360,92 @@ void profile_candidates(const LayerBasis& b, const int64_t* cand, int64_t n, dou
       next.store(chains.size());
     }
   };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_basis,
+                    const int64_t* const* cand, const int64_t* n, double* const* e_weight,
+                    double* const* e_output, int threads) {
+  struct Layer {
+    LayerBasis b;
+    ColumnOrder order;
+    std::vector<Chain> chains;
+  };
+  std::vector<std::unique_ptr<Layer>> layers(m);
+  std::vector<size_t> chains_left(m, 0);
+  struct Task {
+    int64_t layer;
+    size_t chain;
+    double cost;
+  };
+  std::vector<Task> ready;
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t next_basis = 0, bases_left = m;
+  std::exception_ptr failure;
+
+  // Bases first (each a layer's serial stretch, run side by side), then the chains of every
+  // layer, longest first, on whichever thread is free.
+  auto worker = [&]() {
+    std::unique_ptr<ChainState> state;
+    int64_t state_layer = -1;
+    std::unique_lock<std::mutex> lock(mu);
+    while (!failure) {
+      try {
+        if (next_basis < m) {
+          const int64_t l = next_basis++;
+          lock.unlock();
+          auto layer = std::make_unique<Layer>();
+          layer->b = make_basis(l);
+          std::vector<int64_t> direct;
+          layer->chains = make_chains(layer->b, cand[l], n[l], direct);
+          for (int64_t c : direct)
+            tail_errors(layer->b, cand[l][2 * c], cand[l][2 * c + 1], e_weight[l] + c, e_output[l] + c);
+          int64_t kord = 0;
+          for (const Chain& ch : layer->chains)
+            for (int64_t c : ch.members) kord = std::max(kord, cand[l][2 * c]);
+          if (kord > 0) layer->order = column_order(layer->b, kord, 1);
+          lock.lock();
+          for (size_t t = 0; t < layer->chains.size(); ++t) ready.push_back({l, t, layer->chains[t].cost});
+          chains_left[l] = layer->chains.size();
+          if (chains_left[l] > 0) layers[l] = std::move(layer);
+          --bases_left;
+          cv.notify_all();
+        } else if (!ready.empty()) {
+          auto best = std::max_element(ready.begin(), ready.end(), [](const Task& a, const Task& c) {
+            return a.cost < c.cost || (a.cost == c.cost && (a.layer > c.layer || (a.layer == c.layer && a.chain > c.chain)));
+          });
+          const Task task = *best;
+          ready.erase(best);
+          Layer& layer = *layers[task.layer];
+          lock.unlock();
+          if (state_layer != task.layer) {
+            state = std::make_unique<ChainState>(layer.b, layer.order);
+            state_layer = task.layer;
+          }
+          state->run(layer.chains[task.chain], cand[task.layer], e_weight[task.layer], e_output[task.layer]);
+          lock.lock();
+          if (--chains_left[task.layer] == 0) {  // its last chain: the basis can go
+            if (state_layer == task.layer) state.reset(), state_layer = -1;
+            layers[task.layer].reset();
+          }
+        } else if (bases_left == 0) {
+          break;
+        } else {
+          cv.wait(lock);
+        }
+      } catch (...) {
+        if (!lock.owns_lock()) lock.lock();
+        if (!failure) failure = std::current_exception();
+        cv.notify_all();
+      }
+    }
+  };
+  threads = int(std::max<int64_t>(1, threads));
   std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();

@@ -2,6 +2,7 @@
 // basis, the mask and the ridge that profiling measures are the ones factorize applies.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace rocketkit::errors_detail {
@@ -17,7 +18,8 @@ struct LayerBasis {
   /// A = F Fᵀ and Σ²/‖W_L‖² = F Θ Fᵀ, so with T = L⁻¹ C_m (V F) the captured energies are
   /// Σ_c θ_c‖t_c‖² (output) and Σ_c (1−θ_c)‖t_c‖² (weight), both relative.
   bool one_solve = false;
-  std::vector<double> N;      ///< d2×r: V·F
+  std::vector<double> N;      ///< d2×nb: V·F (one-solve, nb = r), else [V·Σ | V·Rᵀ] (nb = 2r, keep_R)
+  int64_t nb = 0;             ///< columns of N
   std::vector<double> theta;  ///< r, in [0, 1]
   double norm_WL2 = 0;        ///< Σ σ_i²
   double norm_W2 = 0;         ///< ‖W‖_F²
@@ -33,10 +35,12 @@ LayerBasis build_layer_basis(const double* W, const double* S, int64_t d1, int64
 void coefficients_times(const LayerBasis& b, int64_t k, const double* CmT, const double* B, double* Y);
 
 /// The mask rule's order: for each column j of C = Σ·Vᵀ, the rows 0..kord−1 by |C_ij|
-/// descending, ties to the lower row index (d2×kord, row j = column j's order).
+/// descending, ties to the lower row index (d2×kord, row j = column j's order), and its inverse
+/// (pos[j·kord + i] = where row i sits in column j's order).
 struct ColumnOrder {
   int64_t kord = 0;
   std::vector<int32_t> rows;
+  std::vector<int32_t> pos;
 };
 
 /// Builds the order, columns split over `threads` threads.
@@ -77,7 +81,7 @@ struct ProductScratch {
 };
 
 /// Both relative errors of a candidate from its Cholesky factor L (k×k, of C_m C_mᵀ + εI) and
-/// Z = C_m·N (one-solve basis) or C_m·V (otherwise), k×r with leading dimension ldz.
+/// Z = C_m·N, k×nb with leading dimension ldz.
 void errors_from_products(const LayerBasis& b, int64_t k, const double* L, double eps,
                           const double* Z, int64_t ldz, ProductScratch& w, double* e_w, double* e_o);
 
@@ -90,5 +94,13 @@ bool tail_errors(const LayerBasis& b, int64_t k, int64_t s, double* e_w, double*
 /// results do not depend on the thread count; see errors_chain.cpp.
 void profile_candidates(const LayerBasis& b, const int64_t* candidates, int64_t n, double* e_weight,
                         double* e_output, int threads);
+
+/// profile_candidates for m layers on one pool of `threads` threads, for layers whose bases can
+/// be built side by side: make_basis(l) (called on a pool thread; BLAS should be single-threaded)
+/// gives layer l's basis, then its chains join a queue shared with the other layers. Layer l's
+/// results are those of profile_candidates on the same basis.
+void profile_layers(int64_t m, const std::function<LayerBasis(int64_t)>& make_basis,
+                    const int64_t* const* candidates, const int64_t* n, double* const* e_weight,
+                    double* const* e_output, int threads);
 
 }  // namespace rocketkit::errors_detail

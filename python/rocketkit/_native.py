@@ -102,16 +102,45 @@ def whitened_errors(W, S, candidates, num_threads: int = 0):
     if _is_cuda_tensor(W) or _is_cuda_tensor(S):
         return whitened_errors_cuda(W, S, candidates, num_threads=num_threads)
     W, S = _check_layer("whitened_errors", W, S)
+    cand = _check_candidates(candidates)
+    return _C.whitened_errors(W, S, cand, _check_threads(num_threads))
+
+
+def _check_candidates(candidates) -> np.ndarray:
     cand = _asarray("whitened_errors", "candidates", candidates)
     if cand.ndim != 2 or cand.shape[1] != 2 or not np.issubdtype(cand.dtype, np.integer):
         raise ValueError(f"[whitened_errors] candidates must be an (n, 2) integer array, got {cand.dtype} {cand.shape}")
     if cand.dtype.kind == "u" and cand.size and cand.max() > _INT64_MAX:
         raise ValueError("[whitened_errors] candidates exceed int64")
-    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    return np.ascontiguousarray(cand, dtype=np.int64)
+
+
+def _check_threads(num_threads) -> int:
     num_threads = _index_arg("whitened_errors", "num_threads", num_threads)
     if not 0 <= num_threads <= 1 << 16:
         raise ValueError(f"[whitened_errors] num_threads must be in [0, 65536], got {num_threads}")
-    return _C.whitened_errors(W, S, cand, num_threads)
+    return num_threads
+
+
+def whitened_errors_layers(Ws, Ss, candidates, num_threads: int = 0):
+    """:func:`whitened_errors` of several layers on one pool of ``num_threads`` threads.
+
+    ``Ws``, ``Ss`` and ``candidates`` hold one (d1, d2) weight, one (d1, d1) S and one (n, 2)
+    candidate array per layer (layers of one input Gram may pass the same S). Returns a list of
+    ``(e_weight, e_output)`` pairs. The layers' bases run side by side (single-threaded BLAS each)
+    and the pool then takes every layer's candidates, longest first, so both cores stay busy;
+    errors equal per-layer calls to rounding (~1e-13) and do not depend on ``num_threads``.
+    CPU only; memory peaks near all layers' bases at once (each is freed after its candidates).
+    """
+    Ws, Ss, candidates = list(Ws), list(Ss), list(candidates)
+    if not len(Ws) == len(Ss) == len(candidates):
+        raise ValueError(f"[whitened_errors] got {len(Ws)} weights, {len(Ss)} S and {len(candidates)} "
+                         "candidate arrays: need one of each per layer")
+    pairs = [_check_layer("whitened_errors", W, S) for W, S in zip(Ws, Ss)]
+    cands = [_check_candidates(c) for c in candidates]
+    out = _C.whitened_errors_layers([W for W, _ in pairs], [S for _, S in pairs], cands,
+                                    _check_threads(num_threads))
+    return [tuple(p) for p in out]
 
 
 def _gram_buffer(fn: str, H) -> np.ndarray:

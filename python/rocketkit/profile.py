@@ -23,6 +23,12 @@ DEFAULT_KS = tuple(round(1.0 + 0.1 * i, 1) for i in range(21))  # 1.0 .. 3.0
 REDUCED_CRS = tuple(round(0.1 * i, 1) for i in range(1, 8))  # 0.1 .. 0.7
 REDUCED_KS = (1.0, 1.5, 2.0, 2.5, 3.0)
 
+# A block whose linears all have at most this many weights is profiled in one pooled call
+# (whitened_errors_layers): it holds every S and every layer basis of the block at once, ~100 MB
+# for SmolLM2 and, by estimate, about 2 GB for a 2048×8192-wide block; wider blocks go layer by
+# layer, one S at a time.
+POOLED_PROFILE_MAX_ELEMENTS = 1 << 24
+
 # Indices of C fit int16 while every row index k' < k is representable.
 INT16_MAX_RANK = 32767
 
@@ -248,7 +254,10 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
     """Score every candidate of each linear of one calibrated block (``calibrate.CalibratedBlock``).
 
     Distinct Grams are whitened one at a time, each once, and its S is dropped once its layers are
-    scored (``free_grams=True`` drops the Gram too), so at most one S exists at a time.
+    scored (``free_grams=True`` drops the Gram too), so at most one S exists at a time; except on
+    the CPU when every linear has at most ``POOLED_PROFILE_MAX_ELEMENTS`` weights: then all of the
+    block's Grams are whitened first and its layers scored in one ``whitened_errors_layers`` call,
+    whose pool keeps both cores busy through each layer's SVD (same errors to ~1e-13).
     ``on_layer(name)`` is called after each layer; ``on_whitened(g, rels, wh)`` after the g-th
     distinct Gram is whitened (``wh`` None when its layers must stay dense), e.g. to cache S for
     pass 2. Layers come back in the block's module order.
@@ -256,43 +265,30 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
     CPU core to ~1e-12); "cpu" copies S and W to the host."""
     import torch
 
-    from rocketkit._native import whitened_errors
+    from rocketkit._native import whitened_errors, whitened_errors_layers
     from rocketkit.whiten import whiten
 
     crs, kss = check_grid(crs, kss)
     if backend not in ERROR_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(ERROR_BACKENDS)}, got {backend!r}")
+    pooled = backend == "cpu" and all(
+        lin.in_features * lin.out_features <= POOLED_PROFILE_MAX_ELEMENTS for lin in cb.linears.values())
     layers: dict[str, LayerProfile] = {}
-    for g, (gram, rels) in enumerate(gram_groups(cb.grams, list(cb.linears))):
-        wh, why_dense = None, ""
-        if gram.tokens == 0:
-            why_dense = f"no finite calibration token reached it ({gram.skipped} skipped)"
-        else:
-            try:
-                wh = whiten(gram.H)
-            except RuntimeError as e:
-                why_dense = f"its Gram is not positive definite even with jitter ({e})"
-        if on_whitened is not None:
-            on_whitened(g, rels, wh)
-        S = None if wh is None else (wh.S if backend == "cuda" else np.ascontiguousarray(wh.S.cpu().numpy()))
-        for rel in rels:
+    waiting = []  # pooled: (gram, wh, S, [(rel, grid, reason)]) of every Gram, scored at the end
+
+    def finish(gram, wh, S, todo, errors):
+        for rel, grid, reason in todo:
             lin = cb.linears[rel]
             name = f"{cb.name}.{rel}"
             d1, d2 = lin.in_features, lin.out_features
-            grid = candidate_grid(d1, d2, crs, kss)
-            weight = lin.weight.detach()
-            if not bool(torch.isfinite(weight).all()):
-                raise ValueError(f"{name}: the weight contains NaN or Inf; fix the checkpoint before compressing it")
-            reason = why_dense or ("its weight is all zeros" if not bool(weight.any()) else "")
-            if reason:
-                warnings.warn(f"{name} is kept dense: {reason}", RuntimeWarning, stacklevel=2)
-                grid = grid.empty()
-            if len(grid):
+            if rel in errors:
+                e_w, e_o = errors[rel]
+            elif len(grid):
                 cand = np.stack([grid.k, grid.s], axis=1)
                 if backend == "cuda":
                     from rocketkit._native import whitened_errors_cuda
 
-                    W = weight.to(device=S.device, dtype=torch.float64).T.contiguous()
+                    W = lin.weight.detach().to(device=S.device, dtype=torch.float64).T.contiguous()
                     e_w, e_o = (t.cpu().numpy() for t in whitened_errors_cuda(W, S, cand))
                     del W
                 else:
@@ -306,9 +302,46 @@ def profile_block(cb, crs=DEFAULT_CRS, kss=DEFAULT_KS, num_threads: int = 0, on_
             )
             if on_layer is not None:
                 on_layer(name)
-        del S, wh
         if free_grams:
             gram.H = None
+
+    for g, (gram, rels) in enumerate(gram_groups(cb.grams, list(cb.linears))):
+        wh, why_dense = None, ""
+        if gram.tokens == 0:
+            why_dense = f"no finite calibration token reached it ({gram.skipped} skipped)"
+        else:
+            try:
+                wh = whiten(gram.H)
+            except RuntimeError as e:
+                why_dense = f"its Gram is not positive definite even with jitter ({e})"
+        if on_whitened is not None:
+            on_whitened(g, rels, wh)
+        S = None if wh is None else (wh.S if backend == "cuda" else np.ascontiguousarray(wh.S.cpu().numpy()))
+        todo = []
+        for rel in rels:
+            lin = cb.linears[rel]
+            name = f"{cb.name}.{rel}"
+            grid = candidate_grid(lin.in_features, lin.out_features, crs, kss)
+            weight = lin.weight.detach()
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(f"{name}: the weight contains NaN or Inf; fix the checkpoint before compressing it")
+            reason = why_dense or ("its weight is all zeros" if not bool(weight.any()) else "")
+            if reason:
+                warnings.warn(f"{name} is kept dense: {reason}", RuntimeWarning, stacklevel=2)
+                grid = grid.empty()
+            todo.append((rel, grid, reason))
+        if pooled:
+            waiting.append((gram, wh, S, todo))
+        else:
+            finish(gram, wh, S, todo, {})
+        del S, wh
+    if waiting:
+        jobs = [(S, rel, grid) for _, _, S, todo in waiting for rel, grid, _ in todo if len(grid)]
+        pairs = whitened_errors_layers([weight_f64(cb.linears[rel]) for _, rel, _ in jobs], [S for S, _, _ in jobs],
+                                       [np.stack([g.k, g.s], axis=1) for *_, g in jobs], num_threads=num_threads)
+        errors = {rel: pair for (_, rel, _), pair in zip(jobs, pairs)}
+        for gram, wh, S, todo in waiting:
+            finish(gram, wh, S, todo, errors)
     return {f"{cb.name}.{rel}": layers[f"{cb.name}.{rel}"] for rel in cb.linears}
 
 

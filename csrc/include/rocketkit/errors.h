@@ -40,6 +40,19 @@ void whitened_errors(const double* W, const double* S, int64_t d1, int64_t d2,
                      const int64_t* candidates, int64_t n, double* e_weight, double* e_output,
                      int num_threads = 0);
 
+/// whitened_errors for m layers on one pool: layer l has W[l] (d1[l]×d2[l]), S[l] (d1[l]×d1[l];
+/// layers of one input Gram may pass the same pointer), candidates[l] (n[l]×2) and outputs
+/// e_weight[l], e_output[l] (n[l] each). Each layer's basis runs single-threaded BLAS on one of
+/// num_threads threads, side by side with the other layers' bases and candidates, so no core
+/// idles through a serial SVD. Errors equal per-layer whitened_errors calls to rounding (~1e-13:
+/// there the basis uses OpenBLAS's own threading) and do not depend on num_threads. Bases are
+/// built before the chains start and each is freed after its layer's last chain, so memory peaks
+/// near all m bases at once. Every layer is validated before any output is written; throws as
+/// whitened_errors.
+void whitened_errors_layers(int64_t m, const double* const* W, const double* const* S, const int64_t* d1,
+                            const int64_t* d2, const int64_t* const* candidates, const int64_t* n,
+                            double* const* e_weight, double* const* e_output, int num_threads = 0);
+
 /// The factorization Ŵ = U·C applied for candidate (k, s) (rules at the top of this file).
 ///
 /// @param W, S     as for whitened_errors; 1 ≤ s ≤ k ≤ min(d1, d2).
