@@ -12,6 +12,15 @@ from rocketkit._native import (
 
 __version__ = build_info()["version"]
 
+# from_pretrained finds rocketkit checkpoints only through transformers' quantizer registry, which must
+# be filled before the user's first from_pretrained call: so this is the one eager transformers import.
+try:
+    import transformers as _transformers  # noqa: F401
+except ImportError:  # the native core alone works without transformers
+    pass
+else:
+    from rocketkit.integrations import transformers as _integration  # noqa: F401
+
 # Pipeline entry points are imported on first use so `import rocketkit` stays light (no transformers).
 _LAZY = {
     "load_pretrained": "rocketkit.checkpoint",
