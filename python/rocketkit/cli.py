@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="bytes on disk, parameters and ratio of a compressed checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the raw JSON")
+    i.add_argument("--no-card", action="store_true", help="do not print the model card (README.md)")
+
+    u = sub.add_parser("upgrade", help="rewrite a format_version 1 checkpoint's config.json as version 2, in place")
+    u.add_argument("checkpoint")
 
     e = sub.add_parser("export-dense", help="write a plain HF checkpoint with U·C merged into ordinary Linear weights")
     e.add_argument("checkpoint", help="a rocketkit compressed checkpoint folder")
@@ -166,9 +170,12 @@ def _info(args) -> int:
 
     from rocketkit.checkpoint import checkpoint_info
 
+    from rocketkit.modelcard import read_model_card
+
     info = checkpoint_info(args.checkpoint)
+    card = read_model_card(args.checkpoint)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "model_card": card}, indent=2))
         return 0
     mib = 1024 * 1024
     b, p, o, r = info["bytes"], info["params"], info["original"], info["ratio"]
@@ -195,6 +202,17 @@ def _info(args) -> int:
     ]
     w = max(len(row[0]) for row in rows)
     print("\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows))
+    if card is not None and not args.no_card:
+        print(f"\nmodel card ({info['path']}/README.md):\n{card.rstrip()}")
+    return 0
+
+
+def _upgrade(args) -> int:
+    from rocketkit.checkpoint import CHECKPOINT_FORMAT_VERSION, upgrade_checkpoint
+
+    found = upgrade_checkpoint(args.checkpoint)
+    verb = "already" if found == CHECKPOINT_FORMAT_VERSION else f"upgraded from format_version {found} to"
+    print(f"rocketkit upgrade: {args.checkpoint} {verb} format_version {CHECKPOINT_FORMAT_VERSION}")
     return 0
 
 
@@ -214,7 +232,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"compress": _compress, "study": _study, "info": _info,
-                "export-dense": _export_dense}[args.command](args)
+                "export-dense": _export_dense, "upgrade": _upgrade}[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"rocketkit {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

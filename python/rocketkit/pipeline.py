@@ -491,6 +491,7 @@ class _CompressRun:
             }
             # No timings or paths in summary.json: reruns and resumed runs write identical files.
             atomic_write_json(ck / "summary.json", summary)
+            from rocketkit.modelcard import write_model_card; write_model_card(ck, summary)  # noqa: E702
         self.times["save"] = st["seconds"]
         self.write_runlog(ck / "runlog.json")
         _pause_point("assemble")
