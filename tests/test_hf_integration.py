@@ -209,3 +209,33 @@ def test_model_card(saved, capsys):
     local = write_model_card(folder, {**summary, "model": "/some/local/folder", "ppl_before": None, "ppl_after": None}, "x")
     text = local.read_text()
     assert "base_model" not in text and "not measured" in text
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_eval_cli_harness_on_factorized_smollm2(smollm2, tmp_path, capsys):
+    """`rocketkit eval` (lm-evaluation-harness's HFLM on the from_pretrained model, shipped data) gives
+    the accuracies of rocketkit's own scorer on the same examples."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from rocketkit.cli import main
+    from rocketkit.models import LoadedModel
+    from rocketkit.pipeline import compress
+    from rocketkit.tasks import evaluate_tasks
+
+    lm = LoadedModel(copy.deepcopy(smollm2.model), smollm2.tokenizer, smollm2.source)
+    compress(lm, 0.4, calib_tokens=64, seq_len=64, out_dir=tmp_path / "ck", progress=False,
+             crs=(0.4, 0.6), kss=(2.0,), buckets=5000, num_threads=1)
+    assert "library_name: rocketkit" in (tmp_path / "ck" / "README.md").read_text()  # compress wrote the card
+    assert main(["eval", str(tmp_path / "ck"), "--tasks", "piqa,arc_easy", "--limit", "4", "--batch-size", "4",
+                 "--out", str(tmp_path / "results.json")]) == 0
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    model = _from_pretrained(tmp_path / "ck")
+    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    ours = evaluate_tasks(model, AutoTokenizer.from_pretrained(tmp_path / "ck"), ["piqa", "arc_easy"], limit=4,
+                          batch_size=4, progress=False)
+    for task in ("piqa", "arc_easy"):
+        theirs = doc["results"][f"rocketkit_local_{task}"]["acc,none"]
+        assert theirs == pytest.approx(ours[task]["value"], abs=1e-12), task

@@ -10,13 +10,35 @@ from pathlib import Path
 CARD_NAME = "README.md"
 
 
-def command_line() -> str:
-    """This process's command line as a user would retype it (``rocketkit ...`` for the CLI)."""
-    argv = list(sys.argv)
-    prog = Path(argv[0]).name if argv else ""
-    if prog in ("rocketkit", "__main__.py"):
-        return shlex.join(["rocketkit", *argv[1:]])
-    return shlex.join([sys.executable.rsplit("/", 1)[-1], *argv])
+# Where the output goes and how the run is housekept do not change the model: left out of the card, so
+# that a resumed, restarted or relocated run writes the same card as an uninterrupted one.
+_VALUED_HOUSEKEEPING = ("--out", "--work-dir")
+_FLAG_HOUSEKEEPING = ("--overwrite", "--restart", "--no-progress")
+_cli_argv: list[str] | None = None
+
+
+def record_cli_argv(argv) -> None:
+    """Called by the command line with its arguments (without the program name)."""
+    global _cli_argv
+    _cli_argv = [str(a) for a in argv]
+
+
+def command_line(argv=None) -> str:
+    """The command that made a checkpoint: ``rocketkit ARGS`` as the command line received them (or
+    this process's argv outside it), without the output paths and housekeeping flags."""
+    if argv is None:
+        argv = ["rocketkit", *_cli_argv] if _cli_argv is not None else [Path(sys.executable).name, *sys.argv]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _VALUED_HOUSEKEEPING:
+            skip = True
+        elif a in _FLAG_HOUSEKEEPING or a.split("=", 1)[0] in _VALUED_HOUSEKEEPING:
+            continue
+        else:
+            out.append(a)
+    return shlex.join(out)
 
 
 # Hub ids of the models behind rocketkit's aliases (the Hub's base_model wants an id, not a local path).
