@@ -12,16 +12,22 @@ from rocketkit._native import (
 
 __version__ = build_info()["version"]
 
-# from_pretrained finds rocketkit checkpoints only through transformers' quantizer registry, which must
-# be filled before the user's first from_pretrained call: so this is the one eager transformers import.
-try:
-    import transformers as _transformers  # noqa: F401
-except ImportError:  # the native core alone works without transformers
-    pass
-else:
-    from rocketkit.integrations import transformers as _integration  # noqa: F401
 
-# Pipeline entry points are imported on first use so `import rocketkit` stays light (no transformers).
+
+def _register_transformers_quantizer() -> None:
+    from rocketkit.integrations.transformers import register
+
+    register()
+
+
+# from_pretrained finds rocketkit checkpoints through transformers' quantizer registry: it is filled
+# as soon as transformers loads that registry (before any from_pretrained can run), or now if it
+# already has, so `import rocketkit` itself does not import transformers (about 3 s of CPU).
+from rocketkit.integrations import call_after_import  # noqa: E402
+
+call_after_import("transformers.quantizers.auto", _register_transformers_quantizer)
+
+# Pipeline entry points are imported on first use so `import rocketkit` stays light (transformers aside).
 _LAZY = {
     "load_pretrained": "rocketkit.checkpoint",
     "save_compressed": "rocketkit.checkpoint",

@@ -557,7 +557,9 @@ def load_pretrained(path, device="cpu", dtype=None):
     training alike."""
     from transformers import AutoModelForCausalLM
 
-    import rocketkit.integrations.transformers  # noqa: F401  (registers the quantizer)
+    from rocketkit.integrations.transformers import register
+
+    register()  # done already when transformers loaded its quantizer registry; cheap to repeat
 
     path = Path(path)
     _, _, table = validate_checkpoint(path)
