@@ -107,6 +107,24 @@ def test_without_import_rocketkit_loading_fails(saved, tmp_path):
         assert r.returncode != 0 and "import rocketkit" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("code", [
+    "import rocketkit; rocketkit.load_pretrained(sys.argv[1])",
+    "import rocketkit; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+    "from transformers import AutoModelForCausalLM; import rocketkit; AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+])
+def test_fresh_process_any_import_order(saved, code):
+    """`import rocketkit` does not import transformers; the quantizer registers whenever it does."""
+    folder, _, names = saved("llama")
+    check = (f"import sys; {code}; "
+             "assert 'rocketkit' in __import__('transformers.quantizers.auto', fromlist=['x']).AUTO_QUANTIZER_MAPPING")
+    r = subprocess.run([sys.executable, "-c", check, str(folder)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "python"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-c", "import sys, rocketkit; assert 'transformers' not in sys.modules"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_format_version_1_refused_then_upgraded(saved, tiny_ids, capsys):
     from rocketkit import load_pretrained
     from rocketkit.checkpoint import checkpoint_info

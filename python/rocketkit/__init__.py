@@ -15,9 +15,9 @@ __version__ = build_info()["version"]
 
 
 def _register_transformers_quantizer() -> None:
-    from rocketkit.integrations.transformers import register
-
-    register()
+    # The module registers itself as its last statement. Not `from ... import register`: this runs
+    # while that module may itself be importing transformers' registry (partially initialized).
+    import rocketkit.integrations.transformers  # noqa: F401
 
 
 # from_pretrained finds rocketkit checkpoints through transformers' quantizer registry: it is filled

@@ -557,9 +557,7 @@ def load_pretrained(path, device="cpu", dtype=None):
     training alike."""
     from transformers import AutoModelForCausalLM
 
-    from rocketkit.integrations.transformers import register
-
-    register()  # done already when transformers loaded its quantizer registry; cheap to repeat
+    import rocketkit.integrations.transformers  # noqa: F401  (registers the quantizer, if not done yet)
 
     path = Path(path)
     _, _, table = validate_checkpoint(path)

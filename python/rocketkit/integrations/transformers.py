@@ -89,8 +89,11 @@ def _save_pretrained_guarded(model, save_directory, *args, **kwargs):
 
 
 def register() -> None:
-    """Register the config and quantizer with transformers (idempotent; rocketkit/__init__ calls it)."""
+    """Register the config and quantizer with transformers (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(RocketkitConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(RocketkitHfQuantizer)
+
+
+register()  # importing this module is registering (rocketkit/__init__ imports it when transformers loads its registry)
