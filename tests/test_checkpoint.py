@@ -190,7 +190,8 @@ def test_save_load_logits_equal(compressed_tiny, tiny_ids, tmp_path, tie):
     assert not [p for p in tmp_path.iterdir() if p.name != "ck"]  # no temp folder left behind
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     section = cfg["rocketkit"]
-    assert section["format_version"] == 1 and len(section["layers"]) == len(applied)
+    assert section["format_version"] == 2 and len(section["layers"]) == len(applied)
+    assert cfg["quantization_config"] == {"quant_method": "rocketkit", "format_version": 2}
     rec = section["layers"][0]
     assert set(rec) >= {"name", "k", "s", "cr", "ks", "cost", "index_dtype", "d1", "d2", "errors"}
     assert info["bytes"]["C_indices"] == sum(2 * d.s * d.d2 for d in alloc.layers.values() if not d.dense)
@@ -258,6 +259,10 @@ def test_load_validation(compressed_tiny, tmp_path):
     cfg["rocketkit"]["format_version"] = 42
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version"):
+        load_pretrained(tmp_path / "ck")
+    cfg["rocketkit"]["format_version"] = 2
+    cfg_path.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ValueError, match="quantization_config must be"):
         load_pretrained(tmp_path / "ck")
     del cfg["rocketkit"]
     cfg_path.write_text(json.dumps(cfg))
@@ -329,7 +334,7 @@ def test_load_sharded_and_bad_index(saved_tiny, tiny_ids):
     index = ck / "model.safetensors.index.json"
 
     def write_index(wm):
-        index.write_text(json.dumps({"weight_map": wm}))
+        index.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
 
     shard2 = ck / "model-00002-of-00002.safetensors"
     shard2.rename(ck / "moved.safetensors")
@@ -346,6 +351,9 @@ def test_load_sharded_and_bad_index(saved_tiny, tiny_ids):
         write_index(wm)
         with pytest.raises(ValueError, match=msg):
             load_pretrained(ck)
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r'index\.json: no "metadata" object'):
+        load_pretrained(ck)
     index.write_text('{"weight_map": {')
     with pytest.raises(ValueError, match=r"index\.json: not valid JSON"):
         load_pretrained(ck)

@@ -363,8 +363,11 @@ def test_cpp_reader_rejects_bad_checkpoints(tmp_path, layer_check_exe):
     st.write_bytes(good)
 
     cfg = (ckpt / "config.json").read_text()
-    (ckpt / "config.json").write_text(cfg.replace('"format_version": 1', '"format_version": 99'))
-    expect_error("format_version 99, this library reads 1")
+    (ckpt / "config.json").write_text(cfg.replace('"format_version": 2', '"format_version": 99'))
+    expect_error("format_version 99, this library reads 1 to 2")
+    (ckpt / "config.json").write_text(cfg.replace('"format_version": 2', '"format_version": 1'))
+    r = _run(layer_check_exe, ckpt, name, inp, exp)  # a version 1 checkpoint has the same tensors
+    assert r.returncode == 0, r.stdout + r.stderr
     (ckpt / "config.json").write_text(cfg[: len(cfg) // 2])
     expect_error("config.json: invalid JSON")
     (ckpt / "config.json").write_text(cfg)

@@ -42,6 +42,8 @@ def test_every_output_file_truncated_in_turn(output, tmp_path):
     files = sorted(p.name for p in output.iterdir())
     assert len(files) >= 9
     for name in files:
+        if name == "README.md":  # the model card: for people and the Hub; no reader consumes it
+            continue
         reader_key = next((k for k in _readers(output) if name.startswith(k)), None)
         assert reader_key is not None, f"no reader covers {name}: add it to this test"
         data = (output / name).read_bytes()

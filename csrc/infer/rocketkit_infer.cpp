@@ -34,8 +34,8 @@ Checkpoint::Checkpoint(const std::string& folder) : folder_(folder) {
   const Json* ver = sec->find("format_version");
   if (!ver) fail(cfg_path, "rocketkit section has no format_version");
   format_version_ = int(ver->as_int(cfg_path + ": format_version"));
-  if (format_version_ != kCheckpointFormatVersion)
-    fail(cfg_path, "rocketkit format_version " + std::to_string(format_version_) + ", this library reads " +
+  if (format_version_ < 1 || format_version_ > kCheckpointFormatVersion)
+    fail(cfg_path, "rocketkit format_version " + std::to_string(format_version_) + ", this library reads 1 to " +
                        std::to_string(kCheckpointFormatVersion));
   const Json* layers = sec->find("layers");
   if (!layers || layers->type != Json::Type::Array) fail(cfg_path, "rocketkit section has no \"layers\" list");

@@ -12,7 +12,22 @@ from rocketkit._native import (
 
 __version__ = build_info()["version"]
 
-# Pipeline entry points are imported on first use so `import rocketkit` stays light (no transformers).
+
+
+def _register_transformers_quantizer() -> None:
+    # The module registers itself as its last statement. Not `from ... import register`: this runs
+    # while that module may itself be importing transformers' registry (partially initialized).
+    import rocketkit.integrations.transformers  # noqa: F401
+
+
+# from_pretrained finds rocketkit checkpoints through transformers' quantizer registry: it is filled
+# as soon as transformers loads that registry (before any from_pretrained can run), or now if it
+# already has, so `import rocketkit` itself does not import transformers (about 3 s of CPU).
+from rocketkit.integrations import call_after_import  # noqa: E402
+
+call_after_import("transformers.quantizers.auto", _register_transformers_quantizer)
+
+# Pipeline entry points are imported on first use so `import rocketkit` stays light (transformers aside).
 _LAZY = {
     "load_pretrained": "rocketkit.checkpoint",
     "save_compressed": "rocketkit.checkpoint",

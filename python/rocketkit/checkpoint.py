@@ -20,7 +20,13 @@ from torch import nn
 
 from rocketkit.profile import INT16_MAX_RANK
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
+QUANT_METHOD = "rocketkit"
+# config.json's "transformers_weights" in a checkpoint: transformers reads it as the weights' file name and,
+# since it is not a .safetensors name, refuses to load with this text in its message. rocketkit's quantizer
+# removes it before transformers resolves the files, so only a process that imported rocketkit loads the
+# factorized layers; any other gets this error instead of a model whose factorized layers are random.
+IMPORT_GUARD = "rocketkit checkpoint: run `import rocketkit` before from_pretrained (pip install rocketkit)"
 _INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -81,6 +87,43 @@ def rocketkit_section(allocation, applied: dict | None = None, dtype=None) -> di
     }
 
 
+def stamp_config(cfg: dict, section: dict) -> dict:
+    """config.json of a checkpoint: ``cfg`` with the rocketkit ``section``, the ``quantization_config``
+    that routes ``from_pretrained`` to rocketkit's quantizer, and the import guard (IMPORT_GUARD)."""
+    cfg = {k: v for k, v in cfg.items() if k not in ("rocketkit", "quantization_config", "transformers_weights")}
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": section["format_version"]}
+    cfg["rocketkit"] = section
+    cfg["transformers_weights"] = IMPORT_GUARD
+    return cfg
+
+
+def upgrade_checkpoint(path) -> int:
+    """Rewrite a format_version 1 checkpoint's config.json as version 2 in place (the tensors are the
+    same in both; version 2 adds the quantization_config and the import guard). Returns the version
+    found; a version 2 checkpoint is left as it is."""
+    from rocketkit.fileio import atomic_write_json
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    cfg = _read_json(cfg_path)
+    section = cfg.get("rocketkit")
+    if not isinstance(section, dict):
+        raise ValueError(f"{cfg_path}: no rocketkit section (not a rocketkit checkpoint)")
+    found = section.get("format_version")
+    if found == CHECKPOINT_FORMAT_VERSION:
+        read_config(path)
+        return found
+    if found != 1:
+        raise ValueError(f"{cfg_path}: rocketkit format_version {found!r}, this rocketkit upgrades 1 to {CHECKPOINT_FORMAT_VERSION}")
+    atomic_write_json(cfg_path, stamp_config(cfg, {**section, "format_version": CHECKPOINT_FORMAT_VERSION}))
+    try:
+        read_config(path)
+    except ValueError:
+        atomic_write_json(cfg_path, cfg)  # leave a checkpoint that does not validate as it was
+        raise
+    return found
+
+
 def save_compressed(
     model, tokenizer, allocation, out_dir, applied=None, overwrite: bool = False, extra=None, progress: bool = True
 ) -> dict:
@@ -109,9 +152,7 @@ def save_compressed(
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
-        cfg = read_json(tmp / "config.json")
-        cfg["rocketkit"] = section
-        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / "config.json", stamp_config(read_json(tmp / "config.json"), section))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -168,9 +209,16 @@ def read_config(path) -> tuple[dict, dict, list[LayerRecord]]:
     section = cfg.get("rocketkit")
     if not isinstance(section, dict):
         raise ValueError(f"{cfg_path}: no rocketkit section (not a rocketkit checkpoint)")
+    if section.get("format_version") == 1:
+        raise ValueError(f"{cfg_path}: rocketkit format_version 1 (written before the transformers integration); "
+                         f"convert it in place with `rocketkit upgrade {path}` (the tensors stay as they are)")
     if section.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: rocketkit format_version {section.get('format_version')!r}, "
                          f"this rocketkit reads {CHECKPOINT_FORMAT_VERSION}")
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: quantization_config must be {{\"quant_method\": \"{QUANT_METHOD}\", "
+                         f"\"format_version\": {CHECKPOINT_FORMAT_VERSION}}}, got {qc!r}")
     raw = section.get("layers")
     if not isinstance(raw, list):
         raise ValueError(f"{cfg_path}: rocketkit section has no \"layers\" list")
@@ -208,7 +256,10 @@ def _safetensors_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
     """The safetensors files of a checkpoint folder and, when sharded, the index's tensor -> file map."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        doc = _read_json(index)
+        weight_map = doc.get("weight_map")
+        if not isinstance(doc.get("metadata"), dict):
+            raise ValueError(f"{index}: no \"metadata\" object (transformers needs one)")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no weight_map (or an empty one)")
         mapping: dict[str, Path] = {}
@@ -424,72 +475,98 @@ def _hf_config(path: Path):
     return config
 
 
-def load_pretrained(path, device="cpu", dtype=None):
-    """Load a rocketkit checkpoint as an ordinary transformers model (FactorizedLinear where compressed).
+def validate_checkpoint(path) -> tuple[dict, list[LayerRecord], dict[str, TensorEntry]]:
+    """Everything about a checkpoint that can be checked without the model: config.json (a loadable
+    config of a supported family, the section and every record), the index and every safetensors
+    header, and the factor tensors' shapes and dtypes. Returns (section, records, tensor table)."""
+    path = Path(path)
+    _, section, records = read_config(path)
+    _hf_config(path)
+    table = read_tensor_table(path)
+    for rec in records:
+        _check_factor_tensors(table, rec, path / "config.json")
+    return section, records, table
 
-    ``dtype`` (torch dtype or name; default: the checkpoint's) is the dtype of every floating
-    tensor; ``device`` where the model goes. Needs no remote code and reads no pickle. Every
-    header, shape, dtype and index is checked before the model is built or filled: a missing,
-    truncated or corrupted file, an inconsistent index, a mismatched shape or dtype, an index
-    outside [0, k), or a missing or unexpected tensor is a ValueError naming the file. The
-    returned model is in eval mode, carries the saved generation_config.json, and works with
-    ``generate()`` and training alike."""
-    from transformers import AutoModelForCausalLM
 
+def _tied_partners(model) -> dict[str, set[str]]:
+    """State-dict key -> the keys it is (or will be, once transformers ties them) the same tensor as."""
+    partners: dict[str, set[str]] = {}
+    for name, names in _tied_groups(model).items():
+        partners.setdefault(name, set()).update(n for n in names if n != name)
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        partners.setdefault(target, set()).add(source)
+        partners.setdefault(source, set()).add(target)
+    return partners
+
+
+def install_factorized_layers(path, model) -> dict[str, tuple[TensorEntry, int]]:
+    """Swap every layer that ``path``'s records name for an empty FactorizedLinear (on the layer's own
+    device and dtype, so on transformers' meta device nothing is allocated), then check every tensor
+    of the checkpoint against the resulting state dict: shapes, dtypes, nothing missing (tied weights
+    aside) and nothing unexpected, each a ValueError naming the file and the tensor. Returns, for
+    each C_indices tensor, its table entry and k, for :func:`check_loaded_indices`."""
     from rocketkit.modules import FactorizedLinear
 
     path = Path(path)
-    cfg, section, records = read_config(path)
     cfg_path = path / "config.json"
-    config = _hf_config(path)
-    table = read_tensor_table(path)
-    for rec in records:
-        _check_factor_tensors(table, rec, cfg_path)
-    if dtype is None:
-        floats = [e.dtype for name, e in table.items() if e.dtype.is_floating_point]
-        dtype = floats[0] if floats else torch.float32
-    dtype = _float_dtype(dtype, "load_pretrained")
-
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _, records, table = validate_checkpoint(path)
+    model_type = getattr(model.config, "model_type", "?")
     for rec in records:
         try:
             lin = model.get_submodule(rec.name)
         except AttributeError:
-            raise ValueError(f"{cfg_path}: rocketkit layer {rec.name!r} does not exist in a {config.model_type} model") from None
+            raise ValueError(f"{cfg_path}: rocketkit layer {rec.name!r} does not exist in a {model_type} model") from None
         if not isinstance(lin, nn.Linear) or (lin.in_features, lin.out_features) != (rec.d1, rec.d2):
             raise ValueError(f"{cfg_path}: rocketkit layer {rec.name!r} is ({rec.d1}, {rec.d2}) but the architecture has {lin}")
-        _set_submodule(model, rec.name, FactorizedLinear(rec.d1, rec.d2, rec.k, rec.s, bias=lin.bias is not None, dtype=dtype))
-
+        _set_submodule(model, rec.name, FactorizedLinear(rec.d1, rec.d2, rec.k, rec.s, bias=lin.bias is not None,
+                                                         dtype=lin.weight.dtype, device=lin.weight.device))
     expected = model.state_dict()
     for key, e in table.items():
         ref = expected.get(key)
         if ref is None:
-            raise ValueError(f"{e.file}: unexpected tensor {key!r} (not in the {config.model_type} architecture)")
+            raise ValueError(f"{e.file}: unexpected tensor {key!r} (not in the {model_type} architecture)")
         if e.shape != tuple(ref.shape):
             raise ValueError(f"{e.file}: tensor {key!r} has shape {e.shape}, expected {tuple(ref.shape)}")
         if ref.is_floating_point() != e.dtype.is_floating_point or (not ref.is_floating_point() and e.dtype != ref.dtype):
             raise ValueError(f"{e.file}: tensor {key!r} has dtype {dtype_name(e.dtype)}, expected {dtype_name(ref.dtype)}")
-    tied = _tied_groups(model)
-    missing = sorted(k for k in expected if k not in table and not any(o in table for o in tied.get(k, ())))
+    partners = _tied_partners(model)
+    missing = sorted(k for k in expected if k not in table and not any(o in table for o in partners.get(k, ())))
     if missing:
         raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return {f"{r.name}.C_indices": (table[f"{r.name}.C_indices"], r.k) for r in records}
 
-    ranks = {f"{r.name}.C_indices": r.k for r in records}
-    by_file: dict[Path, list[str]] = {}
-    for key, e in table.items():
-        by_file.setdefault(e.file, []).append(key)
-    for f, keys in by_file.items():
-        # One file at a time: peak memory is the model plus one shard.
-        state = _read_tensors(f, keys)
-        for key, t in state.items():
-            if key in ranks:
-                _check_index_range(t, key, ranks[key], f)
-        model.load_state_dict(state, strict=False)
-        del state
-    model.tie_weights()
-    generation = _generation_config(path)
-    if generation is not None:
-        model.generation_config = generation
+
+def check_loaded_indices(model, indices: dict[str, tuple[TensorEntry, int]]) -> None:
+    """Every loaded C_indices tensor lies in [0, k) (a ValueError naming its file otherwise)."""
+    state = model.state_dict()
+    for key, (entry, k) in indices.items():
+        _check_index_range(state[key], key, k, entry.file)
+
+
+def load_pretrained(path, device="cpu", dtype=None):
+    """Load a rocketkit checkpoint as an ordinary transformers model (FactorizedLinear where compressed).
+
+    A thin alias of ``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` through rocketkit's
+    quantizer (rocketkit.integrations.transformers), after the checks that need no model, so that a
+    bad config.json is reported as a ValueError naming the file rather than transformers' own error.
+    ``dtype`` (torch dtype or name; default: the checkpoint's) is the dtype of every floating
+    tensor; ``device`` where the model goes. Needs no remote code and reads no pickle. A missing,
+    truncated or corrupted file, an inconsistent index, a mismatched shape or dtype, an index outside
+    [0, k), or a missing or unexpected tensor is a ValueError naming the file. The returned model is
+    in eval mode, carries the saved generation_config.json, and works with ``generate()`` and
+    training alike."""
+    from transformers import AutoModelForCausalLM
+
+    import rocketkit.integrations.transformers  # noqa: F401  (registers the quantizer, if not done yet)
+
+    path = Path(path)
+    _, _, table = validate_checkpoint(path)
+    _generation_config(path)
+    if dtype is None:
+        floats = [e.dtype for e in table.values() if e.dtype.is_floating_point]
+        dtype = floats[0] if floats else torch.float32
+    dtype = _float_dtype(dtype, "load_pretrained")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=False)
     return model.to(device).eval()
 
 
@@ -574,7 +651,7 @@ def export_dense(src, out_dir, dtype=None, overwrite: bool = False, max_shard_by
         t = _read_tensors(table[name].file, [name])[name]
         return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
 
-    out_cfg = {k: v for k, v in cfg.items() if k != "rocketkit"}
+    out_cfg = {k: v for k, v in cfg.items() if k not in ("rocketkit", "quantization_config", "transformers_weights")}
     if out_dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in out_cfg:

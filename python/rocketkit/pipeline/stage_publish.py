@@ -85,6 +85,7 @@ def run_publish(ctx: RunContext) -> tuple[dict, list[dict]]:
     from rocketkit.apply import AppliedLayer
     from rocketkit.checkpoint import checkpoint_info, rocketkit_section
     from rocketkit.fileio import atomic_write_json
+    from rocketkit.modelcard import write_model_card
     from rocketkit.models import not_compressed
     from rocketkit.shards import (non_block_tensors, write_config, write_generation_config, write_index, write_shard,
                                   write_tokenizer)
@@ -135,6 +136,7 @@ def run_publish(ctx: RunContext) -> tuple[dict, list[dict]]:
         }
         # No timings or paths in summary.json: reruns and resumed runs write identical files.
         atomic_write_json(ck / "summary.json", summary)
+        write_model_card(ck, summary)
     ctx.times["save"] = st["seconds"]
     table = stage_table(ctx)
     write_runlog(ctx, ck / "runlog.json", table)
