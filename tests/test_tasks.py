@@ -165,15 +165,15 @@ def test_reference_scorer_matches_per_request(tiny_lm, tokenizer):
         assert ll == pytest.approx(ref_ll, abs=1e-5, rel=1e-6) and greedy == ref_greedy
 
 
-@pytest.mark.parametrize("batch_tokens,batch_size", [(1, 1), (300, 3), (4096, 64)])
-def test_shared_context_scorer_equals_reference_on_every_task(tiny_lm, tokenizer, batch_tokens, batch_size):
+@pytest.mark.parametrize("batch_tokens,batch_size,workers", [(1, 1, 1), (300, 3, 2), (4096, 64, 1)])
+def test_shared_context_scorer_equals_reference_on_every_task(tiny_lm, tokenizer, batch_tokens, batch_size, workers):
     """The packed scorer against the first scorer on a fixed subset of each of the 9 tasks: every
     log-likelihood within 1e-4, the same greedy flags, the same per-example outcomes."""
     for name, spec in TASKS.items():
         examples = load_examples(name, limit=5)
         requests = [req for ex in examples for req in ex.requests()]
         stats = {}
-        new = loglikelihoods(tiny_lm, tokenizer, requests, batch_size=batch_size, batch_tokens=batch_tokens,
+        new = loglikelihoods(tiny_lm, tokenizer, requests, batch_size=batch_size, batch_tokens=batch_tokens, workers=workers,
                              group_sizes=[len(ex.choices) for ex in examples], stats=stats)
         old = loglikelihoods_reference(tiny_lm, tokenizer, requests, batch_size=4)
         for (a, ga), (b, gb) in zip(new, old, strict=True):

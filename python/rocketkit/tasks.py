@@ -33,6 +33,7 @@ import json
 import math
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -544,6 +545,7 @@ def loglikelihoods(
     desc: str = "loglikelihood",
     group_sizes: Sequence[int] | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    workers: int = 1,
     stats: dict | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation tokens | context), whether every one is the argmax) per request.
@@ -552,11 +554,13 @@ def loglikelihoods(
     context string): a group's common token prefix is computed once and shared by its requests,
     through a block attention mask over one packed row with explicit positions. Rows run longest
     first, batched up to ``batch_size`` rows and ``batch_tokens`` padded tokens; the output head is
-    applied only at scored positions. Results equal :func:`loglikelihoods_reference` up to float
-    rounding. ``stats`` (a dict) receives the token counts and the forward time.
+    applied only at scored positions. ``workers`` > 1 runs that many batches at once, on threads
+    (pair it with ``torch.set_num_threads(1)``). Results equal :func:`loglikelihoods_reference` up to
+    float rounding. ``stats`` (a dict) receives the token counts and the summed per-batch seconds.
     """
-    if batch_size < 1 or batch_tokens < 1:
-        raise ValueError(f"[loglikelihoods] batch_size and batch_tokens must be >= 1, got {batch_size}, {batch_tokens}")
+    if batch_size < 1 or batch_tokens < 1 or workers < 1:
+        raise ValueError(f"[loglikelihoods] batch_size, batch_tokens and workers must be >= 1, got {batch_size}, "
+                         f"{batch_tokens}, {workers}")
     if group_sizes is None:
         group_sizes = [len(list(run)) for _, run in itertools.groupby(requests, key=lambda r: r[0])]
     group_sizes = [int(n) for n in group_sizes]
@@ -576,63 +580,88 @@ def loglikelihoods(
     if not dtype.is_floating_point:
         dtype = torch.float32
 
+    @torch.no_grad()  # grad mode is per thread: the worker threads need their own
+    def run(batch: list[int]) -> tuple[list[tuple[int, float, bool]], int, int, float]:
+        """(request, log-likelihood, greedy) of every request of the batch, padded tokens, scored
+        positions, seconds."""
+        tic = time.perf_counter()
+        width = len(rows[batch[0]].tokens)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        positions = torch.zeros(len(batch), width, dtype=torch.long)
+        segments = torch.full((len(batch), width), -1, dtype=torch.long)
+        for b, r in enumerate(batch):
+            n = len(rows[r].tokens)
+            ids[b, :n] = torch.tensor(rows[r].tokens)
+            positions[b, :n] = torch.tensor(rows[r].positions)
+            positions[b, n:] = torch.arange(width - n)
+            segments[b, :n] = torch.tensor(rows[r].segments)
+        mask = _block_mask(segments, dtype).to(device)
+        # Every scored position of the batch, flattened once; each request reads its own rows of it.
+        flat = sorted({b * width + j for b, r in enumerate(batch) for index, _ in rows[r].scored for j in index})
+        where = {f: k for k, f in enumerate(flat)}
+        picked = torch.tensor(flat, device=device)
+        kwargs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), use_cache=False)
+        if split is not None:
+            decoder, head = split
+            hidden = decoder(**kwargs).last_hidden_state
+            logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, picked))
+        else:
+            logits = model(**kwargs).logits
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, picked)
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        argmax = logits.argmax(dim=-1)
+        out = []
+        for b, r in enumerate(batch):
+            for i, (index, target) in zip(owners[r], rows[r].scored, strict=True):
+                at = torch.tensor([where[b * width + j] for j in index], device=device)
+                t = torch.tensor(target, device=device)
+                ll = logprobs.index_select(0, at).gather(1, t[:, None]).sum()
+                out.append((i, float(ll), bool((argmax.index_select(0, at) == t).all())))
+        return out, width * len(batch), len(flat), time.perf_counter() - tic
+
     was_training = model.training
     model.eval()
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     counts = {"rows": len(rows), "tokens": sum(len(r.tokens) for r in rows), "padded_tokens": 0,
-              "scored_positions": 0, "forward_s": 0.0}
+              "scored_positions": 0, "forward_s": 0.0, "batches": len(batches), "workers": workers}
     try:
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-            width = len(rows[batch[0]].tokens)
-            counts["padded_tokens"] += width * len(batch)
-            tic = time.perf_counter()
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            positions = torch.zeros(len(batch), width, dtype=torch.long)
-            segments = torch.full((len(batch), width), -1, dtype=torch.long)
-            for b, r in enumerate(batch):
-                n = len(rows[r].tokens)
-                ids[b, :n] = torch.tensor(rows[r].tokens)
-                positions[b, :n] = torch.tensor(rows[r].positions)
-                positions[b, n:] = torch.arange(width - n)
-                segments[b, :n] = torch.tensor(rows[r].segments)
-            mask = _block_mask(segments, dtype).to(device)
-            # Every scored position of the batch, flattened, and which rows of the gathered logits
-            # each request reads.
-            flat, spans = [], []
-            for b, r in enumerate(batch):
-                for index, _ in rows[r].scored:
-                    spans.append((len(flat), len(index)))
-                    flat.extend(b * width + j for j in index)
-            unique = sorted(set(flat))
-            where = {f: k for k, f in enumerate(unique)}
-            picked = torch.tensor(unique, device=device)
-            kwargs = dict(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device), use_cache=False)
-            if split is not None:
-                decoder, head = split
-                hidden = decoder(**kwargs).last_hidden_state
-                logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, picked))
-            else:
-                logits = model(**kwargs).logits
-                logits = logits.reshape(-1, logits.shape[-1]).index_select(0, picked)
-            logits = logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            argmax = logits.argmax(dim=-1)
-            counts["scored_positions"] += len(unique)
-            k = 0
-            for b, r in enumerate(batch):
-                for i, (index, target) in zip(owners[r], rows[r].scored, strict=True):
-                    at = torch.tensor([where[f] for f in flat[spans[k][0] : spans[k][0] + spans[k][1]]], device=device)
-                    t = torch.tensor(target, device=device)
-                    ll = logprobs.index_select(0, at).gather(1, t[:, None]).sum()
-                    results[i] = (float(ll), bool((argmax.index_select(0, at) == t).all()))
-                    k += 1
-            del logits, logprobs
-            counts["forward_s"] += time.perf_counter() - tic
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # Batches run on ``workers`` threads; torch releases the GIL inside each operator, so with one
+            # intra-op thread per worker the cores stay busy without intra-op barriers (which cost more
+            # than the forward itself on a loaded machine, measured: benchmarks/bench_eval.py).
+            done = pool.map(run, batches) if workers > 1 else map(run, batches)
+            for out, padded, scored, seconds in tqdm(done, total=len(batches), desc=desc, unit="batch",
+                                                     disable=not progress):
+                for i, ll, greedy in out:
+                    results[i] = (ll, greedy)
+                counts["padded_tokens"] += padded
+                counts["scored_positions"] += scored
+                counts["forward_s"] += seconds
     finally:
         model.train(was_training)
     if stats is not None:
         stats.update(counts)
     return results
+
+
+def example_outcomes(examples: Sequence[Example], scores: Sequence[tuple[float, bool]], metric: str) -> list[int]:
+    """1 where an example is answered correctly under ``metric``, from its choices' (log-likelihood,
+    greedy) in request order."""
+    outcomes = []
+    pos = 0
+    for ex in examples:
+        own = scores[pos : pos + len(ex.choices)]
+        pos += len(ex.choices)
+        if metric == "greedy_acc":
+            outcomes.append(int(own[ex.gold][1]))
+            continue
+        values = [ll for ll, _ in own]
+        if metric == "acc_norm":
+            values = [v / max(len(choice), 1) for v, choice in zip(values, ex.choices)]
+        # First maximum on ties, as numpy.argmax.
+        outcomes.append(int(max(range(len(values)), key=lambda j: (values[j], -j)) == ex.gold))
+    return outcomes
 
 
 def score_examples(
@@ -646,6 +675,7 @@ def score_examples(
     desc: str = "examples",
     reference: bool = False,
     per_example: list | None = None,
+    workers: int = 1,
 ) -> float:
     """Fraction of ``examples`` answered correctly under ``metric`` (acc, acc_norm or greedy_acc).
 
@@ -661,20 +691,8 @@ def score_examples(
                                           progress=progress, desc=desc)
     else:
         scores = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, device=device, progress=progress,
-                                desc=desc, group_sizes=[len(ex.choices) for ex in examples])
-    outcomes = []
-    pos = 0
-    for ex in examples:
-        own = scores[pos : pos + len(ex.choices)]
-        pos += len(ex.choices)
-        if metric == "greedy_acc":
-            outcomes.append(int(own[ex.gold][1]))
-            continue
-        values = [ll for ll, _ in own]
-        if metric == "acc_norm":
-            values = [v / max(len(choice), 1) for v, choice in zip(values, ex.choices)]
-        # First maximum on ties, as numpy.argmax.
-        outcomes.append(int(max(range(len(values)), key=lambda j: (values[j], -j)) == ex.gold))
+                                desc=desc, group_sizes=[len(ex.choices) for ex in examples], workers=workers)
+    outcomes = example_outcomes(examples, scores, metric)
     if per_example is not None:
         per_example[:] = outcomes
     return sum(outcomes) / len(examples)
@@ -707,13 +725,14 @@ def evaluate_tasks(
     device: str | torch.device = "cpu",
     progress: bool = True,
     reference: bool = False,
+    workers: int = 1,
 ) -> dict[str, dict]:
     """Zero-shot accuracy per task: ``{task: {"metric", "value", "stderr", "n", "seconds", "outcomes"}}``.
 
     ``limit`` scores the fixed subset of :func:`load_examples` per task. ``outcomes`` is one "0"/"1"
     per scored example (in subset order), for paired comparisons between models. "average" is the
     unweighted mean over the multiple-choice tasks that were run (LAMBADA is not one). ``seconds`` is
-    the scoring time. ``reference=True`` uses the reference scorer.
+    the scoring time. ``reference=True`` uses the reference scorer; ``workers`` is :func:`loglikelihoods`'.
     """
     results: dict[str, dict] = {}
     specs = _resolve(tasks)
@@ -722,7 +741,8 @@ def evaluate_tasks(
         start = time.perf_counter()
         outcomes: list[int] = []
         value = score_examples(model, tokenizer, examples, spec.metric, batch_size=batch_size, device=device,
-                               progress=progress, desc=spec.name, reference=reference, per_example=outcomes)
+                               progress=progress, desc=spec.name, reference=reference, per_example=outcomes,
+                               workers=workers)
         results[spec.name] = {"metric": spec.metric, "value": value, "stderr": accuracy_stderr(value, len(examples)),
                               "n": len(examples), "seconds": time.perf_counter() - start,
                               "outcomes": "".join(map(str, outcomes))}
