@@ -367,7 +367,8 @@ def test_cli_study(tiny_folder, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["study", str(tiny_folder), "--ratios", "0.3", "--costs", "weight,uniform", "--alphas", "0.5",
             "--out", str(out), "--limit", "1", "--tasks", "piqa,lambada", "--calib-tokens", "256", "--seq-len", "64",
-            "--eval-tokens", "128", "--grid", "reduced", "--buckets", "5000", "--no-progress", "--no-plots"]
+            "--eval-tokens", "128", "--grid", "reduced", "--buckets", "5000", "--eval-workers", "2", "--no-progress",
+            "--no-plots"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "rocketkit study: done, 4 runs" in text and "| blend α=0.5 |" in text

