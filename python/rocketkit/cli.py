@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=None,
                     help="a fixed subset of N examples per task, evenly spread, MMLU stratified by subject (default: all)")
     st.add_argument("--eval-workers", type=int, default=1,
-                    help="zero-shot batches scored at once on threads (2 with torch threads 1 keeps 2 cores busy)")
+                    help="zero-shot batches scored at once, on threads of one torch thread each (2 keeps 2 cores busy)")
     st.add_argument("--tasks", default="all", help="comma-separated task names, 'all', or 'none'")
     st.add_argument("--harness", nargs="?", const="hub", default=None, choices=("hub", "local"),
                     help="score the tasks with lm-evaluation-harness (needs lm-eval): on its hub datasets (hub, the "

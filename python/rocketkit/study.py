@@ -446,9 +446,16 @@ def _evaluate(model, tokenizer, eval_ids, settings: dict, log, harness_folder: P
             if settings["harness"]:
                 scores = _harness_scores(model, tokenizer, harness_folder, settings)
             else:
-                scores = evaluate_tasks(model, tokenizer, settings["tasks"], limit=settings["limit"],
-                                        batch_size=settings["eval_batch_size"], device=settings["device"],
-                                        progress=progress, workers=settings.get("eval_workers", 1))
+                import contextlib
+
+                from rocketkit.threads import pinned_threads
+
+                workers = settings.get("eval_workers", 1)
+                # Each worker runs its batch on one intra-op thread: the workers are the parallelism.
+                with pinned_threads(1) if workers > 1 else contextlib.nullcontext():
+                    scores = evaluate_tasks(model, tokenizer, settings["tasks"], limit=settings["limit"],
+                                            batch_size=settings["eval_batch_size"], device=settings["device"],
+                                            progress=progress, workers=workers)
         average = scores.pop("average", None)
         out["tasks"] = scores
         out["average_accuracy"] = average["value"] if average else None

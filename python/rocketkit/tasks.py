@@ -20,6 +20,11 @@ lambada       oe_eval_tasks/lambada/bpb_0shot      test     5153       acc (last
 The harness scores ARC and SciQ on their test splits; only validation ships here, so the figures
 are comparable in kind, not digit for digit. ``acc_norm`` divides each log-likelihood by the
 character length of the choice (without the leading space), as the harness does.
+
+Scoring shares each example's context between its choices (:func:`loglikelihoods`; the first,
+unshared scorer is kept as :func:`loglikelihoods_reference`). A ``limit`` scores a fixed subset per
+task (:func:`subset_indices`: evenly spread; MMLU stratified over its subjects), never the head of
+the file.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from tqdm.auto import tqdm
 
 # Separates context and choice in every task (the harness's target_delimiter).
 DELIMITER = " "
-# Padded tokens per scoring batch (measured on SmolLM2, 2-core CPU: see benchmarks/bench_eval.py).
+# Padded tokens per scoring batch. SmolLM2's decoder costs about the same per token from 512 to 2048
+# tokens a batch on the 2-core CPU (benchmarks/bench_eval.py); larger batches only pad more.
 DEFAULT_BATCH_TOKENS = 2048
 
 
