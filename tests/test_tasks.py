@@ -116,6 +116,16 @@ def test_mmlu_subset_is_stratified_over_subjects():
     assert len(load_examples("mmlu", limit=10)) == 10
 
 
+def test_head_subset_is_the_first_rows():
+    from rocketkit.tasks import _load_mmlu
+    import itertools
+
+    assert load_examples("piqa", limit=7, subset="head") == load_examples("piqa")[:7]
+    assert load_examples("mmlu", limit=114, subset="head") == list(itertools.islice(_load_mmlu(), 114))
+    with pytest.raises(ValueError, match="subset must be one of"):
+        load_examples("piqa", limit=3, subset="random")
+
+
 def test_subset_indices_awkward_sizes():
     for n, limit in ((1, 1), (19, 1), (19, 18), (111, 19), (989, 111)):
         idx = subset_indices(list(range(n)), limit)

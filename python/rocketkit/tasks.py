@@ -296,12 +296,21 @@ def subset_indices(examples: Sequence[Example], limit: int | None, stratum: Call
     return sorted(picked)
 
 
-def load_examples(task: str | TaskSpec, limit: int | None = None) -> list[Example]:
+SUBSETS = ("spread", "head")
+
+
+def load_examples(task: str | TaskSpec, limit: int | None = None, subset: str = "spread") -> list[Example]:
     """The examples of ``task`` in a fixed order: all when ``limit`` is None, else the fixed subset
-    of :func:`subset_indices` (evenly spread; MMLU stratified over its subjects)."""
+    of :func:`subset_indices` (evenly spread; MMLU stratified over its subjects). ``subset="head"``
+    takes the first ``limit`` instead (MMLU's subjects interleaved), the rows lm-evaluation-harness's
+    own ``limit`` takes."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if subset not in SUBSETS:
+        raise ValueError(f"[load_examples] subset must be one of {SUBSETS}, got {subset!r}")
     (spec,) = _resolve([task])
+    if subset == "head":
+        return list(itertools.islice(spec.load(), limit))
     examples = list(spec.load())
     return [examples[i] for i in subset_indices(examples, limit, spec.stratum)]
 
@@ -732,18 +741,20 @@ def evaluate_tasks(
     progress: bool = True,
     reference: bool = False,
     workers: int = 1,
+    subset: str = "spread",
 ) -> dict[str, dict]:
     """Zero-shot accuracy per task: ``{task: {"metric", "value", "stderr", "n", "seconds", "outcomes"}}``.
 
     ``limit`` scores the fixed subset of :func:`load_examples` per task. ``outcomes`` is one "0"/"1"
     per scored example (in subset order), for paired comparisons between models. "average" is the
     unweighted mean over the multiple-choice tasks that were run (LAMBADA is not one). ``seconds`` is
-    the scoring time. ``reference=True`` uses the reference scorer; ``workers`` is :func:`loglikelihoods`'.
+    the scoring time. ``reference=True`` uses the reference scorer; ``workers`` is :func:`loglikelihoods`';
+    ``subset`` is :func:`load_examples`'.
     """
     results: dict[str, dict] = {}
     specs = _resolve(tasks)
     for spec in specs:
-        examples = load_examples(spec, limit)
+        examples = load_examples(spec, limit, subset=subset)
         start = time.perf_counter()
         outcomes: list[int] = []
         value = score_examples(model, tokenizer, examples, spec.metric, batch_size=batch_size, device=device,
