@@ -226,6 +226,11 @@ def test_forward_plan_measured_once_and_kept(monkeypatch):
         assert calls == [m.forward_plan[1]] and twin.forward_plan == {1: m.forward_plan[1]}
         m(x40)
         assert set(m.forward_plan) == {1, 256}
+    x600 = torch.from_numpy(rng.standard_normal((600, 29)).astype(np.float32))  # timed on its first rows
+    with torch.no_grad():
+        y600 = m(x600)
+    assert set(m.forward_plan) == {1, 256, 2048}
+    np.testing.assert_allclose(y600.numpy(), reference(x600.numpy(), U, v, idx, b), rtol=1e-4, atol=1e-4)
     ref = reference(x40.numpy(), U, v, idx, b)
     with torch.no_grad():
         np.testing.assert_allclose(m(x40).numpy(), ref, rtol=1e-4, atol=1e-4)

@@ -30,6 +30,7 @@ FORWARD_PATHS = ("sparse", "dense_c")
 _PATH_ENV = "ROCKETKIT_FORWARD_PATH"
 # Measured choices, shared by the layers of one shape: (d1, d2, k, s, dtype, bias, threads, bucket) -> path.
 _MEASURED_PLANS: dict[tuple, str] = {}
+_PLAN_ROWS = 512  # larger inputs are timed on this many of their rows
 
 
 def _batch_bucket(n: int) -> int:
@@ -282,21 +283,24 @@ class FactorizedLinear(nn.Module):
         path = _MEASURED_PLANS.get(key)
         y = None
         if path is None:
-            # Best of a few timed runs on this very input, after one untimed run of each (which also
-            # builds the dense cache). Small calls repeat more: their times are microseconds.
-            reps = 5 if x2.shape[0] <= 16 else 2
-            best = {}
+            # Best of a few timed runs, after one untimed run of each (which also builds the dense
+            # cache), the paths interleaved so that a load spike on a shared machine hits both alike.
+            # Small calls repeat more (their times are microseconds); large ones are timed on their
+            # first rows only (both paths scale linearly in n), so that planning costs about one call.
+            n = x2.shape[0]
+            xm = x2 if n <= _PLAN_ROWS else x2[:_PLAN_ROWS]
+            reps = 7 if n <= 16 else 2
+            best = dict.fromkeys(FORWARD_PATHS, float("inf"))
             for p in FORWARD_PATHS:
-                y = self._run_path(p, x2, threads)
-                ts = []
-                for _ in range(reps):
+                self._run_path(p, xm, threads)
+            for _ in range(reps):
+                for p in FORWARD_PATHS:
                     t0 = time.perf_counter()
-                    y = self._run_path(p, x2, threads)
-                    ts.append(time.perf_counter() - t0)
-                best[p] = min(ts)
+                    y = self._run_path(p, xm, threads)
+                    best[p] = min(best[p], time.perf_counter() - t0)
             path = min(FORWARD_PATHS, key=lambda p: best[p])
             _MEASURED_PLANS[key] = path
-            y = y if path == FORWARD_PATHS[-1] else None
+            y = y if path == FORWARD_PATHS[-1] and xm is x2 else None
         self.forward_plan[bucket] = path
         if path != "dense_c" and "dense_c" not in self.forward_plan.values():
             self._dense = self._dense_key = None  # not needed: free its memory
