@@ -48,7 +48,8 @@ def _forced_path() -> str | None:
 
 
 def clear_forward_plans() -> None:
-    """Forget every measured plan (modules re-measure on their next call in each batch-size bucket)."""
+    """Forget the measured plans shared by shape. Each module keeps its own ``forward_plan``; clear that
+    dict too for the module to measure again."""
     _MEASURED_PLANS.clear()
 
 
