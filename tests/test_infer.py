@@ -170,6 +170,96 @@ def test_matches_factorized_linear():
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+# ---- FactorizedLinear's forward plans (native sparse kernel or two dense GEMMs) -------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["sparse", "dense_c"])
+def test_forward_paths_match_reference(monkeypatch, dtype, path):
+    """Both paths, pinned, against the fp64 reference on awkward shapes (k not a multiple of any vector
+    width, repeated rows in a column, n across every batch-size bucket)."""
+    from rocketkit.modules import FactorizedLinear
+
+    monkeypatch.setenv("ROCKETKIT_FORWARD_PATH", path)
+    rng = np.random.default_rng(21)
+    for n, d1, k, s, d2, distinct in [(1, 19, 13, 5, 111, True), (7, 37, 17, 17, 23, False), (300, 24, 11, 3, 989, True)]:
+        x, U, v, idx, b = random_layer(rng, n, d1, k, s, d2, np.float64, np.int16, True, distinct)
+        m = FactorizedLinear.from_factors(U, v, idx, bias=b, dtype=dtype).requires_grad_(False)
+        xt = torch.from_numpy(x).to(dtype)
+        with torch.no_grad():
+            y = m(xt.reshape(1, n, d1))
+        assert y.dtype == dtype and y.shape == (1, n, d2)
+        # The reference uses the weights and input as the module holds them (rounded to dtype).
+        ref = reference(xt.double().numpy(), m.U.double().numpy(), m.C_values.double().numpy(), idx,
+                        m.bias.double().numpy())
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 2e-2)
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(y.reshape(n, d2).double().numpy(), ref, rtol=0, atol=tol * scale)
+        assert m.forward_plan == {}  # a pinned path records no plan
+
+
+def test_forward_plan_measured_once_and_kept(monkeypatch):
+    from rocketkit import modules
+    from rocketkit.modules import FORWARD_PATHS, FactorizedLinear, clear_forward_plans
+
+    monkeypatch.setenv("ROCKETKIT_FORWARD_PATH", "auto")
+    clear_forward_plans()
+    rng = np.random.default_rng(22)
+    _, U, v, idx, b = random_layer(rng, 1, 29, 13, 4, 31, np.float32, np.int16, True)
+    m = FactorizedLinear.from_factors(U, v, idx, bias=b).requires_grad_(False)
+    twin = FactorizedLinear.from_factors(U, v, idx, bias=b).requires_grad_(False)
+    calls = []
+    run = FactorizedLinear._run_path
+    monkeypatch.setattr(FactorizedLinear, "_run_path", lambda self, p, x2, t: calls.append(p) or run(self, p, x2, t))
+    x1, x40 = (torch.from_numpy(rng.standard_normal((n, 29)).astype(np.float32)) for n in (1, 40))
+    with torch.no_grad():
+        first = m(x1)
+        assert set(m.forward_plan) == {1} and m.forward_plan[1] in FORWARD_PATHS
+        assert set(calls) == set(FORWARD_PATHS)  # both timed on the first call
+        calls.clear()
+        again = [m(x1) for _ in range(3)]
+        assert calls == [m.forward_plan[1]] * 3  # then only the chosen one, and the same outputs
+        for y in again:
+            assert torch.equal(y, first)
+        calls.clear()
+        twin(x1)  # equal shape: the measured plan is shared, nothing is timed again
+        assert calls == [m.forward_plan[1]] and twin.forward_plan == {1: m.forward_plan[1]}
+        m(x40)
+        assert set(m.forward_plan) == {1, 256}
+    x600 = torch.from_numpy(rng.standard_normal((600, 29)).astype(np.float32))  # timed on its first rows
+    with torch.no_grad():
+        y600 = m(x600)
+    assert set(m.forward_plan) == {1, 256, 2048}
+    np.testing.assert_allclose(y600.numpy(), reference(x600.numpy(), U, v, idx, b), rtol=1e-4, atol=1e-4)
+    ref = reference(x40.numpy(), U, v, idx, b)
+    with torch.no_grad():
+        np.testing.assert_allclose(m(x40).numpy(), ref, rtol=1e-4, atol=1e-4)
+    if "dense_c" not in m.forward_plan.values():
+        assert m._dense is None  # the dense C is kept only where a plan uses it
+    clear_forward_plans()
+
+
+def test_dense_path_follows_factor_changes(monkeypatch):
+    """The cached dense C is rebuilt after an in-place change of the factors."""
+    from rocketkit.modules import FactorizedLinear
+
+    monkeypatch.setenv("ROCKETKIT_FORWARD_PATH", "dense_c")
+    rng = np.random.default_rng(23)
+    x, U, v, idx, _ = random_layer(rng, 3, 9, 7, 3, 11, np.float32, np.int16)
+    m = FactorizedLinear.from_factors(U, v, idx).requires_grad_(False)
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        m(xt)
+        m.C_values.mul_(2.0)
+        m.C_indices.copy_(torch.from_numpy(np.roll(idx, 1, axis=1)))
+        y = m(xt).numpy()
+    np.testing.assert_allclose(y, reference(x, U, 2 * v, np.roll(idx, 1, axis=1)), rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("ROCKETKIT_FORWARD_PATH", "fastest")
+    with pytest.raises(ValueError, match=r"\[FactorizedLinear\] ROCKETKIT_FORWARD_PATH must be auto, sparse or dense_c"):
+        with torch.no_grad():
+            m(xt)
+
+
 def test_validation_errors():
     rng = np.random.default_rng(11)
     x, U, v, idx, b = random_layer(rng, 3, 7, 5, 2, 9, np.float64, np.int32, True)

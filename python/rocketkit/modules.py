@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 import weakref
 
@@ -14,6 +16,42 @@ from rocketkit.profile import INT16_MAX_RANK
 # stored) and cast back.
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# CPU forward paths of a factorized layer (no-grad inference), chosen per layer and batch-size bucket:
+#   "sparse": the native kernel (x·U, then the column-sparse product with C);
+#   "dense_c": two dense torch GEMMs, (x·U)·C with C densified once and cached on the module.
+# At batch 1 the native gather streams values and indices at a fraction of the GEMV bandwidth, so
+# "dense_c" wins there; at large n the sparse product does fewer flops. Which is faster depends on the
+# shape, the thread count and the machine, so it is measured, not guessed.
+FORWARD_PATHS = ("sparse", "dense_c")
+# ROCKETKIT_FORWARD_PATH: "sparse" (default) or "dense_c" pins every layer; "auto" measures per layer
+# and batch size. Measured choices depend on timing, so two processes may pick different paths and
+# differ by fp32 rounding: the default is the fixed path, so outputs never depend on the machine's load.
+_PATH_ENV = "ROCKETKIT_FORWARD_PATH"
+# Measured choices, shared by the layers of one shape: (d1, d2, k, s, dtype, bias, threads, bucket) -> path.
+_MEASURED_PLANS: dict[tuple, str] = {}
+_PLAN_ROWS = 512  # larger inputs are timed on this many of their rows
+
+
+def _batch_bucket(n: int) -> int:
+    """The batch-size class a plan is measured for: 1 (decode), ≤16, ≤256, larger (prefill, evaluation)."""
+    return 1 if n <= 1 else 16 if n <= 16 else 256 if n <= 256 else 2048
+
+
+def _forced_path() -> str | None:
+    v = os.environ.get(_PATH_ENV, "sparse")
+    if v == "auto":
+        return None
+    if v not in FORWARD_PATHS:
+        raise ValueError(f"[FactorizedLinear] {_PATH_ENV} must be auto, sparse or dense_c, got {v!r}")
+    return v
+
+
+def clear_forward_plans() -> None:
+    """Forget the measured plans shared by shape. Each module keeps its own ``forward_plan``; clear that
+    dict too for the module to measure again."""
+    _MEASURED_PLANS.clear()
 
 
 def index_dtype_for(k: int) -> torch.dtype:
@@ -115,6 +153,11 @@ class FactorizedLinear(nn.Module):
       fp32 and cast back, the kernel reading U and C_values as stored (no fp32 copy per call).
       The indices are range-checked once per change of ``C_indices`` (or of k), not on every
       call. Autograd works (the backward is torch code).
+      Without autograd, each batch-size bucket (1, ≤16, ≤256, more) has a forward plan: the
+      native kernel ("sparse") or two dense GEMMs with C densified once and cached ("dense_c"),
+      whichever ran faster when first timed for this layer's shape and thread count (on the
+      first call in that bucket; shared by layers of equal shape, kept in ``forward_plan``).
+      Both agree to fp32 rounding; a plan once chosen is kept, so outputs repeat call to call.
     * other devices: torch matmul for x·U, then a CSR copy of Cᵀ built once and rebuilt only
       when values/indices change.
     """
@@ -141,6 +184,9 @@ class FactorizedLinear(nn.Module):
         self._csr = None
         self._checked_ref = None  # weak reference to the C_indices tensor last validated
         self._checked_key = None
+        self._dense_key = None
+        self._dense = None  # (U in the compute dtype, C densified), for the "dense_c" path
+        self.forward_plan: dict[int, str] = {}  # batch-size bucket -> path, see FORWARD_PATHS
 
     @classmethod
     def from_factors(cls, U, values, indices, bias=None, dtype=torch.float32, device=None) -> "FactorizedLinear":
@@ -205,6 +251,63 @@ class FactorizedLinear(nn.Module):
             self._csr_key = key
         return self._csr
 
+    def _dense_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, C) as dense matrices in the compute dtype, rebuilt only when a factor changes."""
+        U, v, idx = self.U, self.C_values, self.C_indices
+        key = (U.data_ptr(), U._version, v.data_ptr(), v._version, idx.data_ptr(), idx._version, U.dtype)
+        if self._dense is None or self._dense_key != key:
+            cdt = _compute_dtype(U.dtype)
+            with torch.no_grad():
+                Ud = U.detach() if U.dtype == cdt else U.detach().to(cdt)
+                self._dense = (Ud, _dense_C(v.detach(), idx, self.k, cdt))
+            self._dense_key = key
+        return self._dense
+
+    def _run_path(self, path: str, x2: torch.Tensor, threads: int) -> torch.Tensor:
+        if path == "sparse":
+            return _native_product(x2, self.U, self.C_values, self.C_indices, self.bias, threads)
+        Ud, Cd = self._dense_factors()
+        y = x2 @ Ud
+        if self.bias is None:
+            return y @ Cd
+        return torch.addmm(self.bias.detach().to(y.dtype), y, Cd)
+
+    def _plan(self, x2: torch.Tensor, threads: int) -> tuple[str, torch.Tensor | None]:
+        """This call's path, and its output when choosing it meant running it."""
+        if x2.shape[0] == 0:
+            return "sparse", None
+        bucket = _batch_bucket(x2.shape[0])
+        path = _forced_path() or self.forward_plan.get(bucket)
+        if path is not None:
+            return path, None
+        key = (self.in_features, self.out_features, self.k, self.s, self.U.dtype, self.bias is not None,
+               threads, bucket)
+        path = _MEASURED_PLANS.get(key)
+        y = None
+        if path is None:
+            # Best of a few timed runs, after one untimed run of each (which also builds the dense
+            # cache), the paths interleaved so that a load spike on a shared machine hits both alike.
+            # Small calls repeat more (their times are microseconds); large ones are timed on their
+            # first rows only (both paths scale linearly in n), so that planning costs about one call.
+            n = x2.shape[0]
+            xm = x2 if n <= _PLAN_ROWS else x2[:_PLAN_ROWS]
+            reps = 7 if n <= 16 else 2
+            best = dict.fromkeys(FORWARD_PATHS, float("inf"))
+            for p in FORWARD_PATHS:
+                self._run_path(p, xm, threads)
+            for _ in range(reps):
+                for p in FORWARD_PATHS:
+                    t0 = time.perf_counter()
+                    y = self._run_path(p, xm, threads)
+                    best[p] = min(best[p], time.perf_counter() - t0)
+            path = min(FORWARD_PATHS, key=lambda p: best[p])
+            _MEASURED_PLANS[key] = path
+            y = y if path == FORWARD_PATHS[-1] and xm is x2 else None
+        self.forward_plan[bucket] = path
+        if path != "dense_c" and "dense_c" not in self.forward_plan.values():
+            self._dense = self._dense_key = None  # not needed: free its memory
+        return path, y
+
     def _uses_native(self, x: torch.Tensor) -> bool:
         U = self.U
         return (x.device.type == "cpu" and U.device.type == "cpu" and x.dtype == U.dtype
@@ -219,9 +322,16 @@ class FactorizedLinear(nn.Module):
             if grads:
                 return _NativeFactorizedMatmul.apply(x, self.U, self.C_values, self.bias, self.C_indices, threads)
             cdt = _compute_dtype(x.dtype)
-            y = _native_product(x.reshape(-1, self.in_features).to(cdt), self.U, self.C_values, self.C_indices,
-                                self.bias, threads)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            # Each torch call costs microseconds, as much as a whole batch-1 product: skip no-ops.
+            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            if x2.dtype != cdt:
+                x2 = x2.to(cdt)
+            path, y = self._plan(x2, threads)
+            if y is None:
+                y = self._run_path(path, x2, threads)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         # Non-CPU devices (a CUDA kernel is to come), and mismatched dtypes, which raise here as nn.Linear does.
         z = x @ self.U
         csr_t = self._csr_t()
@@ -249,7 +359,7 @@ class FactorizedLinear(nn.Module):
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state.update(_csr=None, _csr_key=None, _checked_ref=None, _checked_key=None)
+        state.update(_csr=None, _csr_key=None, _checked_ref=None, _checked_key=None, _dense=None, _dense_key=None)
         return state
 
     def extra_repr(self) -> str:
