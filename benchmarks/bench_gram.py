@@ -3,8 +3,8 @@
 Speed, per calibration batch of SmolLM2's block input widths (576 for q/k/v, o and gate/up; 1536
 for down_proj), X fp32 activations as the forward produces them:
   - baseline: X cast to fp64, then a full GEMM ``H.addmm_(Xᵀ, X)`` (rocketkit before SYRK);
-  - X cast to fp64, SYRK on one triangle (``_native.gram_accumulate``), and what rocketkit's
-    ``calibrate.Gram`` does: SYRK from ``SYRK_MIN_WIDTH`` on, the fp64 GEMM below;
+  - X cast to fp64, SYRK on one triangle (``_native.gram_accumulate``), and the same through
+    rocketkit's ``calibrate.Gram`` (the NaN/Inf token filter and the cast included);
   - fp32 GEMM per batch folded into an fp64 H (what the ROCKET reference does).
 
 Accuracy of the fp32 fold against fp64 accumulation:
@@ -51,7 +51,7 @@ def gram_fp64_syrk(H: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def gram_rocketkit(H: torch.Tensor, x: torch.Tensor) -> None:
-    """What calibration does: SYRK from SYRK_MIN_WIDTH on, the fp64 GEMM below it."""
+    """What calibration does (``calibrate.Gram.add``: SYRK on the CPU)."""
     from rocketkit.calibrate import Gram
 
     Gram(H).add(x)
