@@ -161,6 +161,3 @@ class WhiteningCache:
                              "(delete the cache folder to recompute)")
         S = torch.from_numpy(unpack_upper(t.numpy(), group.d)).to(device)
         return Whitening(S=S, jitter=group.jitter, dead_channels=group.dead_channels)
-
-    def bytes_used(self) -> int:
-        return sum(p.stat().st_size for p in self.folder.glob("*.safetensors")) if self.folder.is_dir() else 0
