@@ -594,3 +594,29 @@ def test_factorized_matmul(data):
     if np.all(np.isfinite(ref)):
         tol = 1e-4 if y.dtype == np.float32 else 1e-10
         np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * (1 + np.abs(ref).max(initial=0)))
+
+
+# ---- gram_accumulate / gram_symmetrize ---------------------------------------------------------
+@FUZZ
+@given(st.data())
+def test_gram_accumulate(data):
+    """H is updated in place, so a converted copy must never be written to: a bad H is refused."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    d, n = data.draw(DIMS), data.draw(st.sampled_from([0, 1, 4, 9]))
+    X = data.draw(mutated(rng.standard_normal((n, d)), rng))
+    H = data.draw(mutated(rng.standard_normal((d, d)), rng))
+    before = np.array(H, copy=True) if isinstance(H, np.ndarray) else None
+    raw = data.draw(st.booleans())
+    entry, fn = ("_C.gram_accumulate", _C.gram_accumulate) if raw else ("gram_accumulate", _native.gram_accumulate)
+    done = _REPORT.results[entry]
+    call(entry, fn, H, X)
+    if _REPORT.results[entry] > done:  # accepted: the upper triangle gained XᵀX, the rest is untouched
+        Xf = np.asarray(X, dtype=np.float64)
+        iu, il = np.triu_indices(d), np.tril_indices(d, -1)
+        with np.errstate(all="ignore"):  # hostile values overflow the reference too
+            ref = before + Xf.T @ Xf
+        finite = np.isfinite(ref[iu]) & (np.abs(ref[iu]) < 1e300)
+        np.testing.assert_allclose(H[iu][finite], ref[iu][finite], rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(H[il], before[il])
+        call("gram_symmetrize", _native.gram_symmetrize, H)
+        np.testing.assert_array_equal(H, H.T)
