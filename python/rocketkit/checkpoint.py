@@ -520,6 +520,10 @@ def install_factorized_layers(path, model) -> dict[str, tuple[TensorEntry, int]]
             raise ValueError(f"{cfg_path}: rocketkit layer {rec.name!r} is ({rec.d1}, {rec.d2}) but the architecture has {lin}")
         _set_submodule(model, rec.name, FactorizedLinear(rec.d1, rec.d2, rec.k, rec.s, bias=lin.bias is not None,
                                                          dtype=lin.weight.dtype, device=lin.weight.device))
+        # Some families' weight init reads child.weight of these parents (GPT-BigCode's c_proj), which
+        # a FactorizedLinear has not; every tensor of theirs is checked present below, so skip their init.
+        parent, _, _ = rec.name.rpartition(".")
+        (model.get_submodule(parent) if parent else model)._is_hf_initialized = True
     expected = model.state_dict()
     for key, e in table.items():
         ref = expected.get(key)
