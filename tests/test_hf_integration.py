@@ -15,7 +15,6 @@ import torch
 
 from rocketkit.modules import FactorizedLinear
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -114,14 +113,17 @@ def test_without_import_rocketkit_loading_fails(saved, tmp_path):
 ])
 def test_fresh_process_any_import_order(saved, code):
     """`import rocketkit` does not import transformers; the quantizer registers whenever it does."""
+    import rocketkit
+    # the child imports the rocketkit this process tested (CI: the installed one, whose _C is built)
+    where = {**os.environ, "PYTHONPATH": str(Path(rocketkit.__file__).resolve().parents[1])}
     folder, _, names = saved("llama")
     check = (f"import sys; {code}; "
              "assert 'rocketkit' in __import__('transformers.quantizers.auto', fromlist=['x']).AUTO_QUANTIZER_MAPPING")
     r = subprocess.run([sys.executable, "-c", check, str(folder)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "python"), "HF_HUB_OFFLINE": "1"})
+                       env={**where, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-c", "import sys, rocketkit; assert 'transformers' not in sys.modules"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+                       capture_output=True, text=True, timeout=120, env=where)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
