@@ -78,3 +78,26 @@ def test_parse_cache_budget(text, value):
 def test_parse_cache_budget_rejects(bad):
     with pytest.raises(ValueError, match="cache budget"):
         parse_cache_budget(bad)
+
+
+def test_apply_from_cache_equals_apply_allocation(tmp_path, tiny_llama, tiny_ids):
+    """The study's runs factorize from the profile's cache: the same modules, bit for bit, as the
+    calibration forward would give, and the same applied errors."""
+    import copy
+
+    from rocketkit.allocate import allocate
+    from rocketkit.apply import apply_allocation, apply_from_cache
+    from rocketkit.profile import REDUCED_CRS, REDUCED_KS, profile_model
+
+    cache = WhiteningCache(tmp_path)
+    prof = profile_model(tiny_llama, tiny_ids, crs=REDUCED_CRS, kss=REDUCED_KS, batch_size=2, progress=False,
+                         whitening_cache=cache)
+    allocation = allocate(prof, 0.3)
+    a, b = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    applied_a = apply_allocation(a, tiny_ids, allocation, batch_size=2, progress=False)
+    applied_b = apply_from_cache(b, allocation, cache, progress=False)
+    assert applied_a and applied_a == applied_b
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        apply_from_cache(b, allocation, cache, progress=False)  # already compressed

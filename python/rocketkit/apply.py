@@ -201,6 +201,19 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def _check_allocation(model: nn.Module, allocation: Allocation) -> dict:
+    """The allocation's factorized layers (name -> decision), after checking that every layer it
+    names is an nn.Linear of ``model`` of its shape."""
+    modules = dict(model.named_modules())
+    for n, d in allocation.layers.items():
+        lin = modules.get(n)
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"allocation layer {n!r} is not an nn.Linear of this model (already compressed, or another model?)")
+        if (lin.in_features, lin.out_features) != (d.d1, d.d2):
+            raise ValueError(f"allocation layer {n!r} is ({d.d1}, {d.d2}) but the model's is ({lin.in_features}, {lin.out_features})")
+    return {n: d for n, d in allocation.layers.items() if not d.dense}
+
+
 def apply_allocation(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -218,14 +231,7 @@ def apply_allocation(
 
     from rocketkit.calibrate import stream_blocks
 
-    todo = {n: d for n, d in allocation.layers.items() if not d.dense}
-    modules = dict(model.named_modules())
-    for n, d in allocation.layers.items():
-        lin = modules.get(n)
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"allocation layer {n!r} is not an nn.Linear of this model (already compressed, or another model?)")
-        if (lin.in_features, lin.out_features) != (d.d1, d.d2):
-            raise ValueError(f"allocation layer {n!r} is ({d.d1}, {d.d2}) but the model's is ({lin.in_features}, {lin.out_features})")
+    todo = _check_allocation(model, allocation)
     applied: dict[str, AppliedLayer] = {}
     bar = tqdm(total=len(todo), desc="factorize", unit="layer", disable=not progress)
     try:
@@ -242,4 +248,34 @@ def apply_allocation(
     missing = sorted(set(todo) - set(applied))
     if missing:
         raise RuntimeError(f"allocation layers not found during calibration: {missing[:5]}")
+    return applied
+
+
+def apply_from_cache(model: nn.Module, allocation: Allocation, cache, progress: bool = True,
+                     refine: int = 0) -> dict[str, AppliedLayer]:
+    """:func:`apply_allocation` without the calibration forward: every block's whitening comes from
+    ``cache`` (a ``whitening_cache.WhiteningCache`` that ``profile.profile_model`` filled on the same
+    dense model and tokens), so the factorizations are the same, bit for bit."""
+    from tqdm.auto import tqdm
+
+    from rocketkit.models import block_linears, walk_model
+
+    todo = _check_allocation(model, allocation)
+    walk = walk_model(model)
+    applied: dict[str, AppliedLayer] = {}
+    with tqdm(total=len(todo), desc="factorize (cached whitening)", unit="layer", disable=not progress) as bar:
+        for i, block in enumerate(walk.blocks):
+            name = f"{walk.prefix}.{i}"
+            linears = block_linears(block)
+            decisions = {rel: todo[f"{name}.{rel}"] for rel in linears if f"{name}.{rel}" in todo}
+            if not decisions:
+                continue
+            for rel, (new, a) in factorize_groups(name, linears, decisions, cache.group_loaders(i),
+                                                  refine=refine).items():
+                _set_submodule(block, rel, new)
+                applied[a.name] = a
+                bar.update(1)
+    missing = sorted(set(todo) - set(applied))
+    if missing:
+        raise RuntimeError(f"allocation layers not found in the model's decoder blocks: {missing[:5]}")
     return applied

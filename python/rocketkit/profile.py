@@ -368,8 +368,11 @@ def profile_model(
     device="cpu",
     progress: bool = True,
     num_threads: int = 0,
+    whitening_cache=None,
 ) -> Profile:
-    """Calibrate block by block and score every candidate of every decoder linear."""
+    """Calibrate block by block and score every candidate of every decoder linear.
+    ``whitening_cache`` (a ``whitening_cache.WhiteningCache``) keeps every block's whitening
+    factors, for :func:`rocketkit.apply.apply_from_cache`."""
     from tqdm.auto import tqdm
 
     from rocketkit.calibrate import stream_blocks
@@ -383,7 +386,11 @@ def profile_model(
         if bar is None:
             total = sum(len(block_linears(b)) for b in decoder_blocks(model))
             bar = tqdm(total=total, desc="profile", unit="layer", disable=not progress)
-        layers.update(profile_block(cb, crs, kss, num_threads=num_threads, on_layer=lambda _: bar.update(1)))
+        writer = whitening_cache.writer(cb.index) if whitening_cache is not None else None
+        layers.update(profile_block(cb, crs, kss, num_threads=num_threads, on_layer=lambda _: bar.update(1),
+                                    on_whitened=writer))
+        if writer is not None:
+            writer.finish()
     if bar is not None:
         bar.close()
     meta = profile_meta(model, input_ids, crs, kss)

@@ -572,12 +572,13 @@ def run_study(
     ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data)."""
     from rocketkit import __version__
     from rocketkit.allocate import allocate
-    from rocketkit.apply import apply_allocation
+    from rocketkit.apply import apply_allocation, apply_from_cache
     from rocketkit.fileio import atomic_write_json
-    from rocketkit.models import LoadedModel, load_model
+    from rocketkit.models import LoadedModel, load_model, walk_model
     from rocketkit.profile import _check_axis, profile_model
     from rocketkit.runlog import RunLog
     from rocketkit.tasks import SUBSET_RULE, TASKS, _resolve, subset_record
+    from rocketkit.whitening_cache import WhiteningCache
 
     t_start = time.perf_counter()
     ratios, costs, alphas = _check_lists(ratios, costs, alphas)
@@ -705,11 +706,17 @@ def run_study(
                 profile = cached
         except ValueError:
             pass
+    # Every block's whitening, kept from the profile, lets each run factorize with no calibration
+    # forward (apply_from_cache: the same factorizations, bit for bit); a study without it (resumed
+    # from an older one, or a partly deleted folder) recomputes per run.
+    whitening = WhiteningCache(out_dir / "whitening")
     if profile is None:
         _say(progress, f"profiling {spec_name} ({settings['calib_tokens']} calibration tokens)")
+        shutil.rmtree(whitening.folder, ignore_errors=True)
         with shared.stage("profile", layers=None) as entry:
             profile = profile_model(model, calib_ids, crs=crs, kss=kss, batch_size=batch_size, device=device,
-                                    progress=progress, num_threads=num_threads)
+                                    progress=progress, num_threads=num_threads,
+                                    whitening_cache=whitening if str(device) == "cpu" else None)
             entry["layers"] = len(profile.layers)
         profile.meta["study_key"] = profile_key
         profile.save(profile_path)
@@ -741,9 +748,14 @@ def run_study(
             else:
                 with log.stage("copy"):
                     target = copy.deepcopy(model)
-                with log.stage("apply", layers=sum(not d.dense for d in allocation.layers.values())):
-                    applied = apply_allocation(target, calib_ids, allocation, batch_size=batch_size, device=device,
-                                               progress=progress)
+                cached = all(whitening.groups(b) is not None for b in range(len(walk_model(model).blocks)))
+                with log.stage("apply", layers=sum(not d.dense for d in allocation.layers.values()),
+                               whitening="cache" if cached else "recompute"):
+                    if cached:
+                        applied = apply_from_cache(target, allocation, whitening, progress=progress)
+                    else:
+                        applied = apply_allocation(target, calib_ids, allocation, batch_size=batch_size,
+                                                   device=device, progress=progress)
                 applied_err = max((max(abs(a.e_weight - allocation.layers[n].e_weight),
                                        abs(a.e_output - allocation.layers[n].e_output)) for n, a in applied.items()),
                                   default=0.0)

@@ -118,6 +118,10 @@ class WhiteningCache:
                                 {"format": CACHE_FORMAT, "version": str(CACHE_FORMAT_VERSION), "d": str(S.shape[0])})
         return path.stat().st_size
 
+    def writer(self, i: int) -> "BlockWriter":
+        """A collector of block i's factors, to pass as ``profile_block(on_whitened=...)``."""
+        return BlockWriter(self, i)
+
     def finish_block(self, i: int, groups: list[CachedGroup]) -> None:
         """Mark block i complete (after every group's file is written)."""
         from dataclasses import asdict
@@ -146,6 +150,14 @@ class WhiteningCache:
             return None
         return groups
 
+    def group_loaders(self, i: int, device="cpu") -> list:
+        """Block i's groups as ``apply.factorize_groups`` takes them: (load its whitening, rels)."""
+        groups = self.groups(i)
+        if groups is None:
+            raise ValueError(f"{self.folder}: block {i} has no complete whitening cache")
+        return [(lambda g=g, grp=grp: self.load_whitening(i, g, grp, device=device), grp.rels)
+                for g, grp in enumerate(groups)]
+
     def load_whitening(self, i: int, g: int, group: CachedGroup, device="cpu"):
         """Group g's :class:`rocketkit.whiten.Whitening` of block i, validated."""
         from rocketkit.fileio import load_safetensors
@@ -161,3 +173,26 @@ class WhiteningCache:
                              "(delete the cache folder to recompute)")
         S = torch.from_numpy(unpack_upper(t.numpy(), group.d)).to(device)
         return Whitening(S=S, jitter=group.jitter, dead_channels=group.dead_channels)
+
+
+class BlockWriter:
+    """Saves block i's factors as ``profile.profile_block`` whitens them (its ``on_whitened``);
+    :meth:`finish` marks the block complete. Groups kept dense (no whitening) are not stored."""
+
+    def __init__(self, cache: WhiteningCache, i: int):
+        self.cache, self.i = cache, i
+        self.groups: list[CachedGroup] = []
+        self.bytes, self.seconds = 0, 0.0
+
+    def __call__(self, g: int, rels, wh) -> None:
+        import time
+
+        if wh is None:
+            return
+        t = time.perf_counter()
+        self.bytes += self.cache.save_group(self.i, len(self.groups), wh.S)
+        self.groups.append(CachedGroup(list(rels), int(wh.S.shape[0]), float(wh.jitter), int(wh.dead_channels)))
+        self.seconds += time.perf_counter() - t
+
+    def finish(self) -> None:
+        self.cache.finish_block(self.i, self.groups)

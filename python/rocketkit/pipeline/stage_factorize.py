@@ -58,10 +58,9 @@ def run_factorize(ctx: RunContext) -> None:
         e["load_s"] = time.perf_counter() - t
         try:
             decisions, name = ctx.decisions(i), f"{ctx.prefix}.{i}"
-            groups = [(lambda g=g, grp=grp: cache.load_whitening(i, g, grp, device=ctx.device), grp.rels)
-                      for g, grp in enumerate(cached[i])]
             t = time.perf_counter()
-            fact = factorize_groups(name, block_linears(block), decisions, groups) if decisions else {}
+            fact = (factorize_groups(name, block_linears(block), decisions, cache.group_loaders(i, device=ctx.device))
+                    if decisions else {})
             e["factorize_s"], e["source"] = time.perf_counter() - t, "cache"
             write_block(ctx, i, block, name, fact, e)
         finally:

@@ -36,7 +36,7 @@ def cache_plan(ctx: RunContext, todo: list[int]) -> set[int]:
 
 def run_profile(ctx: RunContext) -> None:
     from rocketkit.profile import Profile, profile_block, profile_meta
-    from rocketkit.whitening_cache import CachedGroup, WhiteningCache
+    from rocketkit.whitening_cache import WhiteningCache
 
     if ctx.wd.allocation_path.is_file():
         return  # the allocation exists, so every profile did
@@ -46,23 +46,14 @@ def run_profile(ctx: RunContext) -> None:
     cache, plan = WhiteningCache(ctx.wd.cache), cache_plan(ctx, todo)
 
     def work(i, cb, e):
-        groups, written, cache_s = [], 0, 0.0
-
-        def keep(g, rels, wh):
-            nonlocal written, cache_s
-            if i in plan and wh is not None:
-                t = time.perf_counter()
-                written += cache.save_group(i, len(groups), wh.S)
-                groups.append(CachedGroup(list(rels), int(wh.S.shape[0]), float(wh.jitter), int(wh.dead_channels)))
-                cache_s += time.perf_counter() - t
-
+        writer = cache.writer(i) if i in plan else None
         t = time.perf_counter()
         layers = profile_block(cb, o.crs, o.kss, num_threads=ctx.threads, on_layer=lambda name: ctx.bar.set_postfix_str(name),
-                               free_grams=True, backend=ctx.errors_backend, on_whitened=keep)
-        e["profile_s"] = time.perf_counter() - t - cache_s
-        if i in plan:  # the cache record, then the profile: a profiled block has its cache
-            cache.finish_block(i, groups)
-            e["cache_bytes"], e["cache_write_s"] = written, cache_s
+                               free_grams=True, backend=ctx.errors_backend, on_whitened=writer)
+        e["profile_s"] = time.perf_counter() - t - (writer.seconds if writer else 0.0)
+        if writer is not None:  # the cache record, then the profile: a profiled block has its cache
+            writer.finish()
+            e["cache_bytes"], e["cache_write_s"] = writer.bytes, writer.seconds
         e["cached"] = i in plan
         t = time.perf_counter()
         Profile(layers=layers, meta=meta).save(ctx.wd.profile_stem(i))
