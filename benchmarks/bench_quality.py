@@ -1,57 +1,55 @@
-"""Quality of the allocation: SmolLM2-135M at 20% and 40% of linear-layer parameters removed.
+"""Quality of the allocation: SmolLM2-135M at 20% and 40% of linear-layer parameters removed, every
+method on one profile, with the same calibration and held-out tokens.
 
-Rows, per ratio, all from one profile (full 294-candidate grid):
-  uniform            every layer at the grid cr nearest the target, best ks by e_w (the baseline)
-  weight, Σ e        knapsack minimising the plain sum of e_w (ROCKET's objective)
-  output, Σ e        the same with e_o (ROCKET-ActCost's objective)
-  weight, Σ share·e² rocketkit's default objective, weight cost
-  output, Σ share·e² rocketkit's default objective, output cost
+Rows, per ratio (all from ``rocketkit.study.run_study``, so one profile and one whitening per layer):
+  uniform            every layer at the grid cr nearest the target, best ks by e_w
+  SVD-LLM            every layer at that cr with ks = 1: whitened truncated SVD, no fine-tuning
+  ROCKET             the reference's allocation (no dense option, α error filter, plain Σ e_w)
+  ROCKET-ActCost     the same with e_o
+  rocketkit weight   rocketkit's knapsack, default objective Σ share·e², weight cost
+  rocketkit output   the same, output cost
+  ... + refine N     the same allocation, each layer refined after allocation (--refine)
 plus the dense model. Columns: held-out perplexity (second half of the BoolQ passages; calibration
-uses the first half), achieved ratio, layers kept dense, time of each run (factorize + evaluate).
+uses the first half), × dense, achieved ratio, layers per cr (dense first), run time (factorize +
+perplexity; the profile is shared and reported once).
 
-The profile and every finished row are kept in --out (JSON/safetensors, written atomically), so an
-interrupted run resumes; a profile made with other settings is recomputed.
+The study folder (--out) keeps the profile, the whitening and every finished row, so an
+interrupted run resumes.
 
-    python benchmarks/bench_quality.py                        # README settings
-    python benchmarks/bench_quality.py --ratios 0.4 --grid reduced --out runs/quality-quick
+    python benchmarks/bench_quality.py --calib-tokens 16384  --out runs/quality-16k
+    python benchmarks/bench_quality.py --calib-tokens 131072 --out runs/quality-131k   # the README job's
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import time
+from collections import Counter
 from pathlib import Path
 
-
 from _common import device_line, peak_rss_mib
-from rocketkit.allocate import allocate
-from rocketkit.apply import apply_allocation
-from rocketkit.data import calibration_ids, heldout_ids
-from rocketkit.evaluate import perplexity
-from rocketkit.fileio import atomic_write_json, read_json
-from rocketkit.models import load_model
-from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, REDUCED_CRS, REDUCED_KS, Profile, profile_model
+from rocketkit.allocate import Allocation
+from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, REDUCED_CRS, REDUCED_KS
+from rocketkit.study import run_study
 
-ROWS = [  # label, cost, method, weighting, power
-    ("uniform", "weight", "uniform", None, 1),
-    ("weight, Σ e (ROCKET)", "weight", "mckp", None, 1),
-    ("output, Σ e (ActCost)", "output", "mckp", None, 1),
-    ("weight, Σ share·e² (default)", "weight", "mckp", "params", 2),
-    ("output, Σ share·e² (default)", "output", "mckp", "params", 2),
-]
+NAMES = {"dense": "dense", "uniform": "uniform", "svdllm": "SVD-LLM", "rocket": "ROCKET",
+         "rocket-actcost": "ROCKET-ActCost", "weight": "rocketkit weight", "output": "rocketkit output"}
+COSTS = ["weight", "output", "uniform", "svdllm", "rocket", "rocket-actcost"]
 
 
-def cached_profile(out: Path, key: dict, model, calib) -> tuple[Profile, float]:
-    stem = out / "profile"
-    if (out / "profile.json").is_file():
-        prof = Profile.load(stem)
-        if prof.meta.get("bench_key") == key:
-            return prof, float(prof.meta.get("seconds", 0.0))
-    prof = profile_model(model, calib, crs=key["crs"], kss=key["kss"], progress=True)
-    prof.meta["bench_key"] = key
-    prof.save(stem)
-    return prof, float(prof.meta["seconds"])
+def row_name(r: dict) -> str:
+    name = NAMES[r["cost"]]
+    return f"{name} + refine {r['refine']}" if r.get("refine") else name
+
+
+def layers_per_cr(out: Path, r: dict) -> str:
+    if not r.get("allocation"):
+        return "-"
+    a = Allocation.load(out / r["allocation"]["file"])
+    counts = Counter("dense" if d.dense else f"{d.cr:g}" for d in a.layers.values())
+    order = sorted(counts, key=lambda c: -1.0 if c == "dense" else float(c))
+    return " ".join(f"{c}:{counts[c]}" for c in order)
 
 
 def main() -> None:
@@ -60,76 +58,55 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.4")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--refine", default="0,1", help="rocketkit's rows once per value (baselines are never refined)")
     ap.add_argument("--grid", choices=("full", "reduced"), default="full")
     ap.add_argument("--out", default="runs/bench-quality")
+    ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
     crs, kss = (DEFAULT_CRS, DEFAULT_KS) if args.grid == "full" else (REDUCED_CRS, REDUCED_KS)
     ratios = [float(r) for r in args.ratios.split(",")]
+    refines = [int(n) for n in args.refine.split(",")]
     out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    doc = run_study(args.model, ratios, COSTS, out_dir=out, tasks=[], calib_tokens=args.calib_tokens,
+                    eval_tokens=args.eval_tokens, crs=crs, kss=kss, plots=False, refines=refines, progress=False)
+    profile_s = sum(s["seconds"] for s in doc["stages"] if s["name"] == "profile")
+    dense = next(r["ppl"] for r in doc["runs"] if r["cost"] == "dense")
 
-    lm = load_model(args.model)
-    calib = calibration_ids(lm.tokenizer, args.calib_tokens, seq_len=512, seed=0)
-    heldout = heldout_ids(lm.tokenizer, args.eval_tokens, seq_len=512)
-    key = {"model": args.model, "calib_tokens": int(calib.numel()), "seq_len": 512, "seed": 0,
-           "crs": list(crs), "kss": list(kss)}
-    prof, profile_s = cached_profile(out, key, lm.model, calib)
-    run_key = {**key, "eval_tokens": int(heldout.numel())}
-
-    def run(label: str, ratio: float | None, fn) -> dict:
-        path = out / "runs" / (f"{label}-{ratio}".replace(" ", "_").replace("/", "_") + ".json")
-        if path.is_file():
-            rec = read_json(path)
-            if rec.get("key") == run_key:
-                return rec
-        rec = {"key": run_key, **fn()}
-        atomic_write_json(path, rec)
-        return rec
-
-    def dense() -> dict:
-        t = time.perf_counter()
-        return {"ppl": perplexity(lm.model, heldout, batch_size=8, progress=False), "seconds": time.perf_counter() - t}
-
-    def compressed(ratio, cost, method, weighting, power) -> dict:
-        t = time.perf_counter()
-        a = allocate(prof, ratio, cost=cost, method=method, weighting=weighting, power=power)
-        model = copy.deepcopy(lm.model)
-        applied = apply_allocation(model, calib, a, progress=False)
-        ppl = perplexity(model, heldout, batch_size=8, progress=False)
-        diff = max(max(abs(x.e_weight - a.layers[n].e_weight), abs(x.e_output - a.layers[n].e_output))
-                   for n, x in applied.items())
-        return {"ppl": ppl, "achieved_ratio": a.achieved_ratio, "dense_layers": sum(d.dense for d in a.layers.values()),
-                "layers": len(a.layers), "max_profiled_vs_applied": diff, "seconds": time.perf_counter() - t}
-
-    records = [("0%", "dense", run("dense", None, dense))]
+    print(device_line())
+    s = doc["settings"]
+    print(f"model {args.model}; calibration {s['calib_tokens']} tokens, held-out {s['eval_tokens']} tokens; "
+          f"grid {len(crs)} cr x {len(kss)} ks; DP buckets {s['buckets']}; profile (shared by every row) "
+          f"{profile_s:.0f} s{' (reused)' if not profile_s else ''}")
+    print("\n| removed | allocation | held-out PPL | × dense | achieved ratio | layers per cr | mean e_o profiled → applied | time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in doc["runs"]:
+        secs = sum(st["seconds"] for st in r["stages"] if st["name"] != "allocate")
+        errs = (f"{r['output_error_profiled_mean']:.4f} → {r['output_error_applied_mean']:.4f}"
+                if "output_error_applied_mean" in r else "-")
+        row = {"removed": r["ratio"], "allocation": row_name(r), "ppl": r["ppl"], "x_dense": r["ppl"] / dense,
+               "achieved_ratio": r["achieved_ratio"] if r["cost"] != "dense" else None,
+               "layers_per_cr": layers_per_cr(out, r), "errors": errs, "seconds": secs,
+               "max_profiled_vs_applied": r.get("max_profiled_vs_applied_error")}
+        rows.append(row)
+        achieved = f"{row['achieved_ratio']:.4f}" if row["achieved_ratio"] is not None else "-"
+        print(f"| {r['ratio']:.0%} | {row['allocation']} | {r['ppl']:.3f} | {row['x_dense']:.2f} | {achieved} | "
+              f"{row['layers_per_cr']} | {errs} | {secs:.0f} |")
+    unrefined = [r for r in doc["runs"] if r["cost"] != "dense" and not r.get("refine")]
+    worst = max((r["max_profiled_vs_applied_error"] for r in unrefined), default=0.0)
+    print(f"\nlargest |profiled − applied| layer error over the unrefined runs: {worst:.2e}")
     for ratio in ratios:
-        for label, cost, method, weighting, power in ROWS:
-            rec = run(label, ratio, lambda: compressed(ratio, cost, method, weighting, power))
-            records.append((f"{ratio:.0%}", label, rec))
-            print(f"{ratio:.0%} {label}: ppl {rec['ppl']:.3f}", flush=True)
-
-    print(f"\n{device_line()}")
-    print(f"model {args.model}; calibration {key['calib_tokens']} tokens, held-out {run_key['eval_tokens']} tokens; "
-          f"grid {len(crs)} cr x {len(kss)} ks; DP buckets 50000; profile (shared by every row) {profile_s:.0f} s")
-    print("\n| removed | allocation | held-out PPL | achieved ratio | layers kept dense | time (s) |")
-    print("|---|---|---|---|---|---|")
-    for removed, label, r in records:
-        achieved = f"{r['achieved_ratio']:.4f}" if "achieved_ratio" in r else "-"
-        kept = f"{r['dense_layers']} / {r['layers']}" if "layers" in r else "-"
-        print(f"| {removed} | {label} | {r['ppl']:.3f} | {achieved} | {kept} | {r['seconds']:.0f} |")
-    worst = max((r.get("max_profiled_vs_applied", 0.0) for _, _, r in records), default=0.0)
-    print(f"\nlargest |profiled − applied| layer error over all runs: {worst:.2e}")
-    by = {(removed, label): r["ppl"] for removed, label, r in records}
-    for ratio in ratios:
-        u = by[(f"{ratio:.0%}", "uniform")]
-        for label, *_ in ROWS[1:]:
-            p = by[(f"{ratio:.0%}", label)]
-            print(f"{ratio:.0%} {label}: {p / u:.3f}x uniform's PPL ({'better' if p < u else 'NOT better'})")
+        here = {row_name(r): r["ppl"] for r in doc["runs"] if r["ratio"] == ratio and r["cost"] != "dense"}
+        best_base = min(here[NAMES[c]] for c in ("uniform", "svdllm", "rocket", "rocket-actcost"))
+        for name, ppl in here.items():
+            if name.startswith("rocketkit"):
+                verdict = "beats every baseline" if ppl < best_base else "does NOT beat the best baseline"
+                print(f"{ratio:.0%} {name}: {ppl:.3f}, {ppl / best_base:.3f}x the best baseline's {best_base:.3f} ({verdict})")
     print(f"peak RSS {peak_rss_mib():.0f} MiB; wall time {(time.perf_counter() - t0) / 60:.1f} min "
           f"(rows already in {out} are reused)")
-    atomic_write_json(out / "table.json", {"settings": run_key, "rows": [
-        {"removed": a, "allocation": b, **{k: v for k, v in r.items() if k != "key"}} for a, b, r in records]})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": s, "dense_ppl": dense, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -467,3 +467,28 @@ def test_paired_bootstrap_matches_plain_loop():
         paired_differences([right, {"label": "wrong", "tasks": {"piqa": {"outcomes": "0" * 29}}}])
     # Runs without per-example outcomes (the harness path) are left out.
     assert paired_differences([right, {"label": "h", "tasks": {"piqa": {"value": 0.5}}}]) == []
+
+
+def test_refined_rows_are_separate_runs_and_lower_the_applied_error():
+    from rocketkit.study import RunSpec, _check_refines, study_runs
+
+    runs = study_runs([0.3], ["weight", "uniform"], [], refines=[0, 1])
+    assert [r.label for r in runs] == ["dense", "r0.3-weight", "r0.3-weight-refine1", "r0.3-uniform"]
+    assert RunSpec("weight", 0.3, refine=1).display == "weight + refine 1"
+    for bad in ([], [0, 0], [-1], [True], [0.5]):
+        with pytest.raises(ValueError, match="refines"):
+            _check_refines(bad)
+
+
+def test_refined_run_reports_profiled_and_applied_errors(tokenizer, tmp_path):
+    doc = run_study(_tiny(tokenizer), [0.4], ["weight", "svdllm"], out_dir=tmp_path / "o", tasks=[], plots=False,
+                    refines=[0, 1], **SMALL)
+    runs = {r["label"]: r for r in doc["runs"]}
+    assert set(runs) == {"dense", "r0.4-weight", "r0.4-weight-refine1", "r0.4-svdllm"}
+    plain, refined = runs["r0.4-weight"], runs["r0.4-weight-refine1"]
+    assert plain["max_profiled_vs_applied_error"] < 1e-6 and plain["refine"] == 0
+    assert abs(plain["output_error_applied_mean"] - plain["output_error_profiled_mean"]) < 1e-6
+    assert refined["output_error_profiled_mean"] == plain["output_error_profiled_mean"]
+    assert refined["output_error_applied_mean"] < refined["output_error_profiled_mean"]
+    assert all(s["whitening"] == "cache" for r in doc["runs"] for s in r["stages"] if s["name"] == "apply")
+    assert "weight + refine 1" in (tmp_path / "o" / "study.md").read_text()

@@ -16,6 +16,13 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _objective_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", choices=("none", "params"), default="params",
                    help="knapsack weight of a layer's error: its share of the parameters (default) or 1 "
@@ -40,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "options, error filter and plain sum; --weighting/--power do not apply); uniform: every "
                         "layer at the target cr; svdllm: the same at ks=1 (whitened truncated SVD)")
     _objective_args(c)
+    c.add_argument("--refine", type=int, default=0,
+                   help="closed-form refinement iterations per factorized layer after allocation (re-fit C on its "
+                        "mask, then D; lowers each layer's whitened error; the summary reports profiled and applied)")
     c.add_argument("--calib-tokens", type=int, default=131072)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens for perplexity (0: skip)")
@@ -75,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated, among weight, output (rocketkit's knapsack) and the baselines uniform, "
                          "svdllm, rocket, rocket-actcost (the reference's allocation with e_w / e_o)")
     st.add_argument("--alphas", type=_float_list, default=[], help="blend runs alpha*e_w + (1-alpha)*e_o, e.g. 0,0.25,0.5,0.75,1")
+    st.add_argument("--refine", type=_int_list, default=[0],
+                    help="rocketkit's rows once per value: 0 as profiled, n > 0 with n closed-form refinement "
+                         "iterations per layer (e.g. 0,1); baselines are never refined")
     st.add_argument("--out", required=True, help="output folder; an unfinished study with the same settings resumes")
     st.add_argument("--limit", type=int, default=None,
                     help="a fixed subset of N examples per task, evenly spread, MMLU stratified by subject (default: all)")
@@ -149,7 +162,7 @@ def _compress(args) -> int:
             batch_size=args.batch_size, method=args.method, weighting=args.weighting,
             power=args.power, overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
             work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
-            cache_budget=args.cache_budget,
+            cache_budget=args.cache_budget, refine=args.refine,
         )
     except KeyboardInterrupt:
         from pathlib import Path
@@ -182,7 +195,7 @@ def _study(args) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
-        weighting=args.weighting, power=args.power, eval_workers=args.eval_workers,
+        weighting=args.weighting, power=args.power, eval_workers=args.eval_workers, refines=args.refine,
     )
     from pathlib import Path
 

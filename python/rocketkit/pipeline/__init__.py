@@ -84,6 +84,7 @@ def compress(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     cache_budget="auto",
+    refine: int = 0,
 ) -> dict:
     """Compress ``model_spec`` (HF folder, .gguf, "smollm2", or an already loaded LoadedModel) and
     write the checkpoint, profile, allocation, summary and run log into ``out_dir``. Returns the
@@ -99,7 +100,10 @@ def compress(
     (computation and the saved tensors); an in-memory model keeps its own. An in-memory model is
     compressed in place when the call returns. ``cache_budget`` ("auto", 0, or bytes, e.g. "8G")
     bounds the disk that pass 1 may fill with whitening factors so that pass 2 runs no second
-    calibration forward (``rocketkit.whitening_cache``); it never changes the result."""
+    calibration forward (``rocketkit.whitening_cache``); it never changes the result. ``refine`` > 0
+    runs that many closed-form refinement iterations on each factorized layer after allocation
+    (``apply.refine_factors``): the applied errors are then lower than the profiled ones, and the
+    summary reports both."""
     from rocketkit.distributed import init_comm
     from rocketkit.threads import pinned_threads
 
@@ -108,7 +112,7 @@ def compress(
         kss=kss, buckets=buckets, eval_tokens=eval_tokens, device=device, progress=progress, batch_size=batch_size,
         method=method, weighting=weighting, power=power, overwrite=overwrite, seed=seed, calib_ids=calib_ids,
         eval_ids=eval_ids, num_threads=num_threads, restart=restart, work_dir=work_dir,
-        trust_remote_code=trust_remote_code, dtype=dtype, cache_budget=cache_budget,
+        trust_remote_code=trust_remote_code, dtype=dtype, cache_budget=cache_budget, refine=refine,
     )
     started = time.perf_counter()
     comm, dev = init_comm(opts.device)

@@ -125,6 +125,7 @@ class RunContext:
             "grid": {"crs": list(o.crs), "kss": list(o.kss)},
             "allocation": {"ratio": o.ratio, "cost": o.cost, "alpha": o.alpha, "method": o.method,
                            "weighting": o.weighting, "power": o.power, "buckets": o.buckets},
+            "factorization": {"refine": o.refine},
             "numerics": numerics,
         }
 

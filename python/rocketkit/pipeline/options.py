@@ -29,6 +29,7 @@ class CompressOptions:
     weighting: str | None = DEFAULT_WEIGHTING  # knapsack weight of a layer's cost: "params" share or None
     power: int = DEFAULT_POWER  # knapsack objective Σ weight·cost^power
     buckets: int = 50000  # DP buckets over the parameter slack
+    refine: int = 0  # closed-form refinement iterations per factorized layer after allocation (0: off)
     crs: tuple[float, ...] = DEFAULT_CRS  # candidate compression ratios
     kss: tuple[float, ...] = DEFAULT_KS  # candidate rank/nonzeros ratios
     calib_tokens: int = 131072  # calibration tokens (BoolQ passages), tokens
@@ -79,6 +80,7 @@ class CompressOptions:
         if eval_tokens < 0 or calib_tokens < 1:
             raise ValueError(f"need calib_tokens >= 1 and eval_tokens >= 0, got {calib_tokens}, {eval_tokens}")
         _positive_int("buckets", o.get("buckets", 50000))
+        _positive_int("refine", o.get("refine", 0), lo=0)
         _positive_int("batch_size", o.get("batch_size", 8))
         dtype = o.get("dtype", torch.float32)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -48,7 +48,7 @@ def run_factorize(ctx: RunContext) -> None:
     def recomputed(i, cb, e):
         decisions = ctx.decisions(i)
         t = time.perf_counter()
-        fact = factorize_block(cb, decisions, free_grams=True) if decisions else {}
+        fact = factorize_block(cb, decisions, free_grams=True, refine=ctx.o.refine) if decisions else {}
         e["factorize_s"], e["source"] = time.perf_counter() - t, "recompute"
         write_block(ctx, i, cb.block, cb.name, fact, e)
 
@@ -59,7 +59,8 @@ def run_factorize(ctx: RunContext) -> None:
         try:
             decisions, name = ctx.decisions(i), f"{ctx.prefix}.{i}"
             t = time.perf_counter()
-            fact = (factorize_groups(name, block_linears(block), decisions, cache.group_loaders(i, device=ctx.device))
+            fact = (factorize_groups(name, block_linears(block), decisions, cache.group_loaders(i, device=ctx.device),
+                                     refine=ctx.o.refine)
                     if decisions else {})
             e["factorize_s"], e["source"] = time.perf_counter() - t, "cache"
             write_block(ctx, i, block, name, fact, e)
