@@ -13,6 +13,22 @@ from rocketkit._native import (
 __version__ = build_info()["version"]
 
 
+def cmake_dir() -> str:
+    """The folder holding rocketkitConfig.cmake, to pass as ``rocketkit_DIR`` to CMake.
+
+    The wheel installs the C++ package (``librocketkit_infer``, ``<rocketkit/infer.h>`` and the
+    imported target ``rocketkit::infer``) inside the rocketkit package folder. Raises
+    FileNotFoundError where this rocketkit was not installed with it (e.g. a source checkout).
+    """
+    import os
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", "cmake", "rocketkit")
+    if not os.path.isfile(os.path.join(folder, "rocketkitConfig.cmake")):
+        raise FileNotFoundError(f"{folder} has no rocketkitConfig.cmake: this rocketkit was not installed "
+                                "with its C++ package (install it with `pip install .`)")
+    return folder
+
+
 
 def _register_transformers_quantizer() -> None:
     # The module registers itself as its last statement. Not `from ... import register`: this runs
@@ -58,6 +74,7 @@ __all__ = [
     "Factors",
     "MckpSolution",
     "build_info",
+    "cmake_dir",
     "factorize",
     "has_cuda",
     "solve_mckp",

@@ -1,5 +1,5 @@
 """Command line: ``rocketkit compress MODEL ...``, ``rocketkit study MODEL ...``, ``rocketkit info CKPT`` and
-``rocketkit export-dense CKPT OUT``."""
+``rocketkit export-dense CKPT OUT``; ``rocketkit --cmake-dir`` prints rocketkit_DIR for C++ projects."""
 
 from __future__ import annotations
 
@@ -32,8 +32,27 @@ def _objective_args(p: argparse.ArgumentParser) -> None:
                         "ROCKET's plain sum of errors)")
 
 
+class _PrintCMakeDir(argparse.Action):
+    """``--cmake-dir``: prints rocketkit_DIR for CMake and exits, like ``--version`` (no command needed)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rocketkit import cmake_dir
+
+        try:
+            folder = cmake_dir()
+        except FileNotFoundError as e:
+            parser.exit(EXIT_BAD_INPUT, f"rocketkit: error: {e}\n")
+        print(folder)
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rocketkit", description="Training-free LLM compression with ROCKET.")
+    p.add_argument("--cmake-dir", action=_PrintCMakeDir,
+                   help="print the folder of rocketkitConfig.cmake (the C++ package; pass it as rocketkit_DIR) and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="profile, allocate, factorize and save a compressed checkpoint")
