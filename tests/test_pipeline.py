@@ -54,6 +54,22 @@ def test_compress_tiny(tiny_model_factory, tmp_path, family, cost, alpha):
     _check_checkpoint(out, model, ids)
 
 
+def test_compress_refined_reports_profiled_and_applied(tiny_llama, tmp_path):
+    """refine=1 lowers every layer's whitened error below the profiled one; the summary and card say both."""
+    ids = make_tiny_ids(4, 33, seed=1)
+    kw = dict(calib_ids=ids, progress=False, buckets=5000, **SMALL_GRID)
+    plain = compress(LoadedModel(copy.deepcopy(tiny_llama), None, "tiny"), 0.3, out_dir=tmp_path / "a", **kw)
+    refined = compress(LoadedModel(tiny_llama, None, "tiny"), 0.3, out_dir=tmp_path / "b", refine=1, **kw)
+    assert plain["refine"] == 0 and "mean_output_error_applied" not in plain
+    assert refined["refine"] == 1 and refined["achieved_ratio"] == plain["achieved_ratio"]
+    assert refined["mean_output_error_applied"] < refined["mean_output_error_profiled"]
+    assert "refinement after allocation | 1 iteration" in (tmp_path / "b" / "README.md").read_text()
+    layers = json.loads((tmp_path / "b" / "config.json").read_text())["rocketkit"]["layers"]
+    assert all(r["errors"]["applied"]["e_output"] < r["errors"]["profiled"]["e_output"] for r in layers)
+    with torch.no_grad():  # the in-memory model was compressed in place, from the published shards
+        assert torch.equal(load_pretrained(tmp_path / "b")(ids).logits, tiny_llama(ids).logits)
+
+
 def test_compress_bad_input(tiny_llama, tmp_path):
     lm = LoadedModel(tiny_llama, None, "tiny")
     with pytest.raises(ValueError, match="ratio"):
@@ -135,7 +151,8 @@ def test_compress_options_validated_once_before_any_work(tmp_path):
         CompressOptions.create(ratioo=0.3, ratio=0.3, out_dir=tmp_path / "o")
     for bad, message in [({"ratio": 1.5}, "ratio"), ({"buckets": 0}, "buckets"), ({"batch_size": True}, "batch_size"),
                          ({"cache_budget": "much"}, "cache budget"), ({"method": "magic"}, "method"),
-                         ({"dtype": torch.int8}, "dtype"), ({"out_dir": None}, "out_dir")]:
+                         ({"dtype": torch.int8}, "dtype"), ({"out_dir": None}, "out_dir"), ({"refine": -1}, "refine"),
+                         ({"refine": 1.5}, "refine")]:
         kwargs = {"ratio": 0.3, "out_dir": tmp_path / "o", **bad}
         with pytest.raises(ValueError, match=message):
             CompressOptions.create(**kwargs)

@@ -97,6 +97,10 @@ def model_card(summary: dict, command: str, layers: list[dict] | None = None) ->
         f"| factorized layers | {_fmt(summary.get('factorized_layers'))} of {_fmt(summary.get('layers'))} |",
         f"| calibration tokens | {_fmt(summary.get('calib_tokens'), ',')} |",
     ]
+    if summary.get("refine"):
+        body.append(f"| refinement after allocation | {summary['refine']} iteration(s); mean whitened error "
+                    f"{_fmt(summary.get('mean_output_error_profiled'), '.4f')} profiled → "
+                    f"{_fmt(summary.get('mean_output_error_applied'), '.4f')} applied |")
     if summary.get("ppl_before") is not None or summary.get("ppl_after") is not None:
         body.append(f"| perplexity before → after ({_fmt(summary.get('eval_tokens'), ',')} tokens) | "
                     f"{_fmt(summary.get('ppl_before'), '.3f')} → {_fmt(summary.get('ppl_after'), '.3f')} |")
