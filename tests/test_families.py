@@ -4,16 +4,19 @@ walk's refusals (Conv1D, shared weights), MoE experts held as modules, and the R
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from conftest import make_tiny_ids, make_tiny_model
 from rocketkit import load_pretrained
+from rocketkit.arch.moe import LinearExperts
 from rocketkit.evaluate import perplexity
 from rocketkit.models import LoadedModel, block_linears, block_skipped, causal_lm_model_types, walk_model
 from rocketkit.pipeline import compress, format_summary
@@ -52,10 +55,13 @@ FAMILIES = {
     "gpt_bigcode": (dict(n_embd=32, n_head=4, n_layer=2), "fused c_attn, multi-query attention"),
     "codegen": (dict(n_embd=32, n_head=4, n_layer=2, rotary_dim=4), "fused qkv_proj"),
     "opt": (dict(ffn_dim=48, word_embed_proj_dim=32), "learned positions"),
-    "mixtral": (dict(num_local_experts=4, **_MOE), "MoE: 3-D experts and router reported, not compressed"),
+    "mixtral": (dict(num_local_experts=4, **_MOE), "MoE: 3-D experts as per-expert linears, router kept dense"),
     "qwen2_moe": (dict(num_experts=4, shared_expert_intermediate_size=24, **_MOE),
-                  "MoE with a shared expert: 3-D experts and router reported, not compressed"),
-    "olmoe": (dict(num_experts=4, **_MOE), "MoE: 3-D experts and router reported, not compressed"),
+                  "MoE with a shared expert: 3-D experts as per-expert linears, router kept dense"),
+    "qwen3_moe": (dict(num_experts=4, **_MOE), "MoE: 3-D experts as per-expert linears, router kept dense"),
+    "olmoe": (dict(num_experts=4, **_MOE), "MoE: 3-D experts as per-expert linears, router kept dense"),
+    "gpt_oss": (dict(num_local_experts=4, head_dim=8, sliding_window=8, **_MOE),
+                "MoE with transposed, biased, interleaved gate/up experts; attention sinks, sliding layers"),
     "jamba": (dict(num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                    expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=2, mamba_expand=2, mamba_dt_rank=4,
                    use_mamba_kernels=False),
@@ -63,9 +69,12 @@ FAMILIES = {
     "bamba": (dict(mamba_d_state=4, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=8,
                    attn_layer_indices=[1]), "hybrid Mamba-2/attention; blocks return (hidden, attn) tuples"),
 }
-# Families whose blocks hold weights the walk leaves alone (3-D experts, routers, Mamba's Conv1d,
-# Mamba's dt_proj, which its code uses as a bare weight and so no calibration token reaches).
-PARTIAL = ("mixtral", "qwen2_moe", "olmoe", "jamba", "bamba")
+# Families whose blocks hold weights the walk leaves alone (Mamba's Conv1d, Mamba's dt_proj, which its
+# code uses as a bare weight and so no calibration token reaches).
+PARTIAL = ("jamba", "bamba")
+# Families whose experts are 3-D tensors (arch.moe converts them to per-expert linears); their routers
+# stay dense and are reported.
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "jamba")
 TESTED = tuple(FAMILIES)
 
 
@@ -109,11 +118,20 @@ def test_family_compresses_and_round_trips(family, tmp_path):
     left = s["not_compressed"]
     if family in PARTIAL:
         assert left and "weights not compressed" in text
-        assert all(re.search(r"not an nn\.Linear|^kept dense: ", why) for why in left.values()), left
-        if family in ("mixtral", "qwen2_moe", "olmoe"):
-            for i in range(2):
-                assert f"model.layers.{i}.mlp.experts.gate_up_proj" in left and f"model.layers.{i}.mlp.gate.weight" in left
-    else:
+        assert all(re.search(r"not an nn\.Linear|^kept dense: |^router \(kept dense", why) for why in left.values()), left
+    if family in MOE:
+        # Every 3-D experts tensor became per-expert linears; only routers (and unrouted experts) stay.
+        routers = [n for n, why in left.items() if why.startswith("router (kept dense")]
+        assert routers and not any(re.search(r"experts\.(gate_up|up|down)_proj$", n) for n in left), left
+        if family not in PARTIAL:
+            assert all(n in routers or why.startswith("kept dense: no finite calibration token")
+                       for n, why in left.items()), left
+        section = json.loads((out / "config.json").read_text())["rocketkit"]
+        experts = [r["name"] for r in section["experts"]]
+        assert experts and all(isinstance(model.get_submodule(n), LinearExperts) for n in experts)
+        factorized_experts = [r["name"] for r in section["layers"] if re.search(r"\.experts\.\d+\.(gate_up|up|down)_proj$", r["name"])]
+        assert factorized_experts, section["layers"]
+    elif family not in PARTIAL:
         assert left == {}
     with torch.no_grad():
         compressed = model(probe).logits  # the in-memory model is compressed in place
@@ -122,6 +140,12 @@ def test_family_compresses_and_round_trips(family, tmp_path):
         dense_dir = export_dense(out, tmp_path / "dense", progress=False)["path"]
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, local_files_only=True).eval()
         torch.testing.assert_close(dense(probe).logits, compressed, rtol=1e-4, atol=1e-4)
+    if family in MOE:
+        # The export holds the family's own 3-D experts tensors, which plain transformers loaded above.
+        assert not any(isinstance(m, LinearExperts) for m in dense.modules())
+        with safe_open(str(Path(dense_dir) / "model.safetensors"), framework="pt") as f:
+            for name in experts:
+                assert len(f.get_slice(f"{name}.down_proj").get_shape()) == 3
 
 
 def test_gpt2_conv1d_refused_by_name(tmp_path):

@@ -218,6 +218,9 @@ def apply_allocation(
 
     from rocketkit.calibrate import stream_blocks
 
+    from rocketkit.models import prepare_model
+
+    prepare_model(model)  # as the profile saw it: 3-D MoE experts as per-expert linears
     todo = {n: d for n, d in allocation.layers.items() if not d.dense}
     modules = dict(model.named_modules())
     for n, d in allocation.layers.items():

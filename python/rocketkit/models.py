@@ -65,6 +65,7 @@ def check_architecture(config, trust_remote_code: bool = False) -> None:
     # Buffers on meta too: some default-sized configs build rotary caches of tens of GB.
     with init_empty_weights(include_buffers=True):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    prepare_model(skeleton)
     walk_model(skeleton)
 
 
@@ -189,17 +190,50 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def prepare_model(model: nn.Module) -> list[str]:
+    """Turn, in place, what the walk cannot see into what it can, before calibration: MoE experts held
+    as 3-D tensors become per-expert nn.Linear with the same forward (``arch.moe``). Returns the
+    converted modules' names; a model without such modules is left untouched."""
+    from rocketkit.arch.moe import convert_tensor_experts
+
+    return convert_tensor_experts(model)
+
+
+def _expert_counts(module: nn.Module) -> set[int]:
+    """How many experts each expert container among ``module``'s children holds (ModuleLists of two
+    or more modules, and converted 3-D experts)."""
+    from rocketkit.arch.moe import LinearExperts
+
+    counts = {len(c) for c in module.children() if isinstance(c, nn.ModuleList) and len(c) > 1}
+    return counts | {c.num_experts for c in module.children() if isinstance(c, LinearExperts)}
+
+
 def router_names(block: nn.Module) -> list[str]:
     """nn.Linear layers that route tokens among experts, which stay dense: a linear with one output
-    per expert of a sibling ModuleList (``gate`` next to ``experts`` in an MoE block whose experts
-    are modules). The routing decision is discrete, so a small weight error could send tokens to
-    other experts, and the layer is tiny anyway."""
+    per expert of a sibling expert container (``gate`` next to ``experts`` in an MoE block). The
+    routing decision is discrete, so a small weight error could send tokens to other experts, and
+    the layer is tiny anyway."""
     out = []
     for mname, module in block.named_modules():
-        n_experts = {len(c) for c in module.children() if isinstance(c, nn.ModuleList) and len(c) > 1}
+        n_experts = _expert_counts(module)
         for cname, child in module.named_children():
             if isinstance(child, nn.Linear) and child.out_features in n_experts:
                 out.append(_join(mname, cname))
+    return out
+
+
+def _bare_router_weights(block: nn.Module) -> set[str]:
+    """Routers held as a bare (n_experts, hidden) weight (transformers 5's ``*TopKRouter``) next to an
+    expert container: names relative to the block."""
+    out = set()
+    for mname, module in block.named_modules():
+        n_experts = _expert_counts(module)
+        if not n_experts:
+            continue
+        for cname, child in module.named_children():
+            for attr, p in child._parameters.items():
+                if p is not None and p.ndim == 2 and p.shape[0] in n_experts and not isinstance(child, nn.Linear):
+                    out.add(_join(_join(mname, cname), attr))
     return out
 
 
@@ -210,12 +244,16 @@ def block_skipped(block: nn.Module) -> dict[str, str]:
     from rocketkit.modules import FactorizedLinear
 
     out = {name: "router (kept dense)" for name in router_names(block)}
+    bare_routers = _bare_router_weights(block)
     for mname, module in block.named_modules():
         if isinstance(module, (nn.Linear, FactorizedLinear)):
             continue
         for attr, p in module._parameters.items():
             if p is not None and p.ndim >= 2:
                 shape = "x".join(str(d) for d in p.shape)
+                if _join(mname, attr) in bare_routers:
+                    out[_join(mname, attr)] = f"router (kept dense; {type(module).__name__}, {shape})"
+                    continue
                 out[_join(mname, attr)] = f"{p.ndim}-D parameter of {type(module).__name__} ({shape}), not an nn.Linear"
     return out
 
@@ -375,11 +413,30 @@ class StreamingWeights:
         self.prefix, self.blocks = find_decoder_blocks(model)
         self._keys = keys
         self._live: dict[int, list[tuple[nn.Module, str, nn.Parameter]]] = {}
+        # Per-expert tensors of converted 3-D experts (arch.moe): key -> (the family's 3-D key, expert, transposed).
+        from rocketkit.arch.moe import experts_records, tensor_layout
+
+        self._sliced: dict[str, tuple[str, int, bool]] = {
+            member: (family, e, transposed)
+            for rec in experts_records(model)
+            for family, (members, _, transposed) in tensor_layout(rec).items()
+            for e, member in enumerate(members)
+        }
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        sliced = [n for n in names if n not in self._keys and n in self._sliced]
+        if sliced:
+            # Each family tensor is read once and cut into its experts' weights.
+            names = [n for n in names if n not in sliced]
+            whole = self._read(sorted({self._sliced[n][0] for n in sliced}))
+            out = self._read(names) if names else {}
+            for n in sliced:
+                family, e, transposed = self._sliced[n]
+                out[n] = whole[family][e].T.contiguous() if transposed else whole[family][e]
+            return out
         missing = [n for n in names if n not in self._keys]
         if missing:
             raise ValueError(f"{self.folder}: checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -469,6 +526,7 @@ def open_streaming(
     keys = _shard_map(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    prepare_model(model)
     streaming = StreamingWeights(model, folder, dtype, device, keys)
     block_prefix = streaming.prefix + "."
     out_emb = model.get_output_embeddings()
