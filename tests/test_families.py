@@ -270,3 +270,103 @@ def test_readme_lists_every_untested_architecture():
     assert listed == expected, f"README untested list: missing {sorted(expected - listed)}, stale {sorted(listed - expected)}"
     m = re.search(r"<!-- tested-architectures:start -->(.*?)<!-- tested-architectures:end -->", readme, re.S)
     assert m and set(re.findall(r"`([A-Za-z0-9_\-]+)`", m.group(1))) == set(TESTED)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_tensor_experts_conversion_keeps_logits(family):
+    """Per-expert linears (arch.moe) compute what the family's 3-D experts module computes."""
+    from rocketkit.models import prepare_model
+
+    model = _tiny(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" not in name:
+                p.normal_(0, 0.1)  # biases (gpt_oss) and sinks start at zero
+        ids = _ids(2, 19, seed=5)
+        before = model(ids).logits
+        names = prepare_model(model)
+        assert names and all(isinstance(model.get_submodule(n), LinearExperts) for n in names)
+        assert prepare_model(model) == []  # idempotent
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-6)
+
+
+def _mixtral_with_unrouted_expert():
+    """Tiny top-1 Mixtral whose expert 3 no token can reach: router rows 0 and 1 are opposite, so one
+    of their logits is positive whenever the other is negative, and row 3 is zero."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING["mixtral"](**{**_SHAPE, **FAMILIES["mixtral"][0], "num_experts_per_tok": 1})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1] = -w[0]
+            w[3] = 0
+    return model
+
+
+def test_tensor_experts_get_routed_grams_and_unrouted_ones_stay_dense(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rocketkit.calibrate import BlockStream
+    from rocketkit.checkpoint import export_dense
+
+    model = _mixtral_with_unrouted_expert()
+    calib, probe = _ids(4, 24, seed=1), _ids(2, 24, seed=2)
+    routed = []
+    block = model.model.layers[0]
+    stream = BlockStream(model, calib, batch_size=2)  # its capture runs block 0 once: hook after it
+    handle = block.mlp.gate.register_forward_hook(
+        lambda m, args, out: routed.append((args[0].detach().reshape(-1, 32).double(), out[2])))
+    cb = stream.run(0)
+    handle.remove()
+    stream.close()
+    x = torch.cat([r[0] for r in routed])
+    choice = torch.cat([r[1] for r in routed])[:, 0]
+    for e in range(4):
+        g = cb.grams[f"mlp.experts.{e}.gate_up_proj"]
+        mine = x[choice == e]
+        assert g.tokens == mine.shape[0] and (g.tokens > 0) == (e != 3)
+        torch.testing.assert_close(g.H, mine.T @ mine, rtol=1e-12, atol=1e-12)
+    assert "mlp.gate.weight" not in {n for n in cb.linears}  # the router is no linear of the walk
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is kept dense: ", category=RuntimeWarning)
+        s = compress(LoadedModel(model, None, "tiny-mixtral-unrouted"), RATIO, out_dir=tmp_path / "ck", calib_ids=calib,
+                     eval_ids=probe, progress=False, buckets=2000, crs=REDUCED_CRS, kss=REDUCED_KS)
+    left = s["not_compressed"]
+    for i in range(2):
+        assert left[f"model.layers.{i}.mlp.gate.weight"].startswith("router (kept dense")
+        for proj in ("gate_up_proj", "down_proj"):
+            assert left[f"model.layers.{i}.mlp.experts.3.{proj}"].startswith("kept dense: no finite calibration token")
+    assert not any(".experts.0." in n for n in left)
+    with torch.no_grad():
+        compressed = model(probe).logits
+        assert torch.equal(load_pretrained(tmp_path / "ck")(probe).logits, compressed)
+        dense_dir = export_dense(tmp_path / "ck", tmp_path / "dense", progress=False)["path"]
+        dense = AutoModelForCausalLM.from_pretrained(dense_dir, local_files_only=True).eval()
+        torch.testing.assert_close(dense(probe).logits, compressed, rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_experts_stream_from_a_folder(tmp_path):
+    """A folder holding the family's own 3-D experts tensors compresses streamed (each expert's weights
+    cut from the 3-D tensors as its block is materialized) as it does in memory."""
+    from safetensors.torch import save_file
+
+    model = _tiny("qwen3_moe")
+    folder = tmp_path / "src"
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or
+               not model.config.tie_word_embeddings}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    calib, probe = _ids(4, 24, seed=1), _ids(2, 24, seed=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is kept dense: ", category=RuntimeWarning)
+        streamed = compress(str(folder), RATIO, out_dir=tmp_path / "streamed", calib_ids=calib, eval_ids=probe,
+                            progress=False, buckets=2000, crs=REDUCED_CRS, kss=REDUCED_KS)
+        in_memory = compress(LoadedModel(model, None, "tiny-qwen3_moe"), RATIO, out_dir=tmp_path / "mem", calib_ids=calib,
+                             eval_ids=probe, progress=False, buckets=2000, crs=REDUCED_CRS, kss=REDUCED_KS)
+    assert streamed["factorized_layers"] == in_memory["factorized_layers"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "streamed")(probe).logits,
+                                   load_pretrained(tmp_path / "mem")(probe).logits, rtol=1e-5, atol=1e-5)

@@ -238,9 +238,12 @@ def _bare_router_weights(block: nn.Module) -> set[str]:
 
 
 def block_skipped(block: nn.Module) -> dict[str, str]:
-    """The block's weights that are not compressed, by name relative to the block, with why: routers,
-    and every parameter of two or more dimensions outside an nn.Linear (GPT-2's Conv1D, MoE experts
-    stored as 3-D tensors, a router held as a bare weight). Norms and biases (1-D) are not listed."""
+    """The block's weights that are not compressed, by name relative to the block, with why: routers
+    (nn.Linear, or a bare (n_experts, hidden) weight next to the experts), and every other parameter
+    of two or more dimensions outside an nn.Linear (GPT-2's Conv1D, MoE experts stored as 3-D
+    tensors that ``prepare_model`` did not or could not convert). Norms and biases (1-D) are not
+    listed."""
+    from rocketkit.arch.moe import NOT_CONVERTED_ATTR
     from rocketkit.modules import FactorizedLinear
 
     out = {name: "router (kept dense)" for name in router_names(block)}
@@ -254,7 +257,9 @@ def block_skipped(block: nn.Module) -> dict[str, str]:
                 if _join(mname, attr) in bare_routers:
                     out[_join(mname, attr)] = f"router (kept dense; {type(module).__name__}, {shape})"
                     continue
-                out[_join(mname, attr)] = f"{p.ndim}-D parameter of {type(module).__name__} ({shape}), not an nn.Linear"
+                why = getattr(module, NOT_CONVERTED_ATTR, None)
+                out[_join(mname, attr)] = (f"{p.ndim}-D parameter of {type(module).__name__} ({shape}), not an nn.Linear"
+                                           + (f" ({why})" if why else ""))
     return out
 
 

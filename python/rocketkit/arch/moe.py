@@ -149,15 +149,26 @@ def linear_experts_from(module: nn.Module, name: str = "experts") -> LinearExper
     return LinearExperts(module, experts).train(module.training)
 
 
+NOT_CONVERTED_ATTR = "_rocketkit_experts_not_converted"
+
+
 def convert_tensor_experts(model: nn.Module) -> list[str]:
     """Replace, in place, every 3-D experts module of ``model`` (see :func:`is_tensor_experts`) by
     a :class:`LinearExperts` with the same forward; returns their qualified names, in module order.
-    Works on the meta device too (no memory). A model without such modules is left as it is."""
-    names = [n for n, m in model.named_modules() if is_tensor_experts(m)]
-    for name in names:
+    Works on the meta device too (no memory). A model without such modules is left as it is. A
+    module that cannot be converted stays as it is, with the reason in its ``NOT_CONVERTED_ATTR``
+    (the walk reports its 3-D weights as not compressed, with that reason)."""
+    names = []
+    for name in [n for n, m in model.named_modules() if is_tensor_experts(m)]:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, linear_experts_from(owner.get_submodule(child), name))
+        try:
+            converted = linear_experts_from(owner.get_submodule(child), name)
+        except ValueError as e:
+            setattr(owner.get_submodule(child), NOT_CONVERTED_ATTR, str(e))
+            continue
+        setattr(owner, child, converted)
+        names.append(name)
     return names
 
 
