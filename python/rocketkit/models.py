@@ -440,7 +440,8 @@ class StreamingWeights:
             out = self._read(names) if names else {}
             for n in sliced:
                 family, e, transposed = self._sliced[n]
-                out[n] = whole[family][e].T.contiguous() if transposed else whole[family][e]
+                part = whole[family][e]
+                out[n] = (part.T if transposed else part).clone(memory_format=torch.contiguous_format)
             return out
         missing = [n for n in names if n not in self._keys]
         if missing:

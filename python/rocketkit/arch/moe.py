@@ -110,8 +110,9 @@ def _refuse(name: str, module: nn.Module, why: str):
 
 
 def linear_experts_from(module: nn.Module, name: str = "experts") -> LinearExperts:
-    """A :class:`LinearExperts` holding ``module``'s weights (views of them: no copy on CPU when
-    not transposed). ``module`` keeps its gating code but loses its 3-D parameters."""
+    """A :class:`LinearExperts` holding copies of ``module``'s weights, one expert at a time (the
+    3-D tensors are freed once no one else holds them). ``module`` keeps its gating code but loses
+    its 3-D parameters."""
     first_name, down_name = projection_names(bool(module.has_gate))
     weights = [first_name, down_name]
     biases = [f"{p}_bias" for p in weights] if module.has_bias else []
@@ -133,11 +134,13 @@ def linear_experts_from(module: nn.Module, name: str = "experts") -> LinearExper
     transposed = bool(module.is_transposed)
 
     def linear(W: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+        # Copies, not views: each expert's tensors own their storage, so savers do not take views of one
+        # 3-D tensor for tied weights, and a factorized expert frees its dense weight.
         w = W.detach().T if transposed else W.detach()  # (out, in)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=W.dtype)
-        lin.weight = nn.Parameter(w.contiguous() if transposed else w, requires_grad=W.requires_grad)
+        lin.weight = nn.Parameter(w.clone(memory_format=torch.contiguous_format), requires_grad=W.requires_grad)
         if b is not None:
-            lin.bias = nn.Parameter(b.detach(), requires_grad=b.requires_grad)
+            lin.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
         return lin
 
     B1 = module._parameters.get(f"{first_name}_bias") if module.has_bias else None
