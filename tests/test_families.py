@@ -342,7 +342,22 @@ def test_tensor_experts_get_routed_grams_and_unrouted_ones_stay_dense(tmp_path):
     assert not any(".experts.0." in n for n in left)
     with torch.no_grad():
         compressed = model(probe).logits
-        assert torch.equal(load_pretrained(tmp_path / "ck")(probe).logits, compressed)
+        # transformers' own entry point (rocketkit's quantizer), and a save_pretrained of what it loaded:
+        # Mixtral's checkpoint renamings (block_sparse_moe, experts.*.w1) apply neither way.
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", local_files_only=True).eval()
+        assert torch.equal(loaded(probe).logits, compressed)
+        loaded.save_pretrained(tmp_path / "resaved")
+        assert torch.equal(load_pretrained(tmp_path / "resaved")(probe).logits, compressed)
+    cfg_path = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rocketkit"]["experts"] = cfg["rocketkit"]["experts"][:1]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rocketkit experts \['model\.layers\.0\.mlp\.experts'\] do not match"):
+        load_pretrained(tmp_path / "ck")
+    cfg["rocketkit"]["experts"][0]["projections"] = ["w1", "w2"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="malformed rocketkit experts record"):
+        load_pretrained(tmp_path / "ck")
         dense_dir = export_dense(tmp_path / "ck", tmp_path / "dense", progress=False)["path"]
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, local_files_only=True).eval()
         torch.testing.assert_close(dense(probe).logits, compressed, rtol=1e-4, atol=1e-4)
