@@ -403,6 +403,45 @@ def _shard_map(folder: Path) -> dict[str, Path]:
     return out
 
 
+@dataclass
+class _RenamedTensor:
+    """How transformers builds one of the model's tensors from a checkpoint in a family's older names:
+    the checkpoint keys, each with the source pattern it matched, and the converter (None: a rename)."""
+
+    sources: list[tuple[str, str | None]]
+    converter: object | None = None
+
+
+def _renamed_tensors(model: nn.Module, keys) -> dict[str, _RenamedTensor]:
+    """The model's own tensor name -> how to build it, for every checkpoint key that transformers'
+    conversion mapping of this family renames or merges (hub MoE checkpoints name experts
+    ``experts.<e>.w1.weight`` or ``experts.<e>.gate_proj.weight`` where the model holds one 3-D
+    ``experts.gate_up_proj``). Empty for a checkpoint already in the model's own names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:  # a transformers without conversion mappings reads checkpoints by their own names
+        return {}
+    try:
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # remote code or a family the mapping cannot walk: no renaming known
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return {}
+    out: dict[str, _RenamedTensor] = {}
+    for key in sorted(keys, key=dot_natural_key):  # experts in index order, as transformers merges them
+        target, pattern = rename_source_key(key, renamings, converters)
+        if target == key and pattern is None:
+            continue
+        entry = out.setdefault(target, _RenamedTensor([]))
+        entry.sources.append((key, pattern))
+        if pattern is not None and entry.converter is None:
+            entry.converter = next(c for c in converters if pattern in c.source_patterns)
+    return out
+
+
 class StreamingWeights:
     """Weights of a model skeleton whose decoder blocks stay on the meta device until asked for.
 
@@ -427,6 +466,8 @@ class StreamingWeights:
             for family, (members, _, transposed) in tensor_layout(rec).items()
             for e, member in enumerate(members)
         }
+        self._model = model
+        self._renamed = _renamed_tensors(model, keys)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -443,6 +484,13 @@ class StreamingWeights:
                 part = whole[family][e]
                 out[n] = (part.T if transposed else part).clone(memory_format=torch.contiguous_format)
             return out
+        renamed = [n for n in names if n not in self._keys and n in self._renamed]
+        if renamed:
+            names = [n for n in names if n not in renamed]
+            out = self._read(names) if names else {}
+            for n in renamed:
+                out[n] = self._build_renamed(n)
+            return out
         missing = [n for n in names if n not in self._keys]
         if missing:
             raise ValueError(f"{self.folder}: checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -458,6 +506,28 @@ class StreamingWeights:
                     # A tensor read on CPU maps the file; .to() copies only when dtype/device differ.
                     out[key] = handle.get_tensor(key).to(device=self.device, dtype=self.dtype)
         return out
+
+    def _build_renamed(self, name: str) -> torch.Tensor:
+        """The model's tensor ``name`` from a checkpoint in the family's older names, built as
+        transformers builds it (its converter's operations: merge the experts, concatenate gate/up)."""
+        entry = self._renamed[name]
+        tensors = self._read([key for key, _ in entry.sources])
+        conv = entry.converter
+        if conv is None:
+            return tensors[entry.sources[0][0]]
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for key, pattern in entry.sources:
+            collected[pattern].append(tensors.pop(key))
+        collected = {p: collected[p] for p in conv.source_patterns if p in collected}
+        for op in conv.operations:
+            collected = op.convert(collected, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                   full_layer_name=name, model=self._model, config=getattr(self._model, "config", None))
+        if len(collected) != 1:
+            raise ValueError(f"{self.folder}: {name} is built by {type(conv).__name__} {conv.source_patterns} -> "
+                             f"{conv.target_patterns} into {len(collected)} tensors; streaming reads one-to-one and "
+                             "many-to-one conversions only (load the model in memory instead)")
+        t = next(iter(collected.values()))
+        return t.to(device=self.device, dtype=self.dtype)
 
     def load_into(self, owners: list[tuple[str, nn.Module, str]]) -> list[tuple[nn.Module, str, nn.Parameter]]:
         """Replace each (checkpoint key, module, attribute) parameter by the checkpoint's tensor."""
