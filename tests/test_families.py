@@ -1,6 +1,7 @@
 """Decoder-only families beyond Llama: tiny random models from transformers configs, each compressed
 end to end at 30% on the reduced grid, reloaded (compressed and dense-exported) and checked; plus the
-walk's refusals (Conv1D, shared weights), MoE experts held as modules, and the README's untested list."""
+walk's refusals (Conv1D, shared weights), MoE experts held as modules or as 3-D tensors (per-expert
+Grams, unrouted experts, streaming), and the README's untested list."""
 
 from __future__ import annotations
 
