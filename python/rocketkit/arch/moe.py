@@ -110,9 +110,10 @@ def _refuse(name: str, module: nn.Module, why: str):
 
 
 def linear_experts_from(module: nn.Module, name: str = "experts") -> LinearExperts:
-    """A :class:`LinearExperts` holding copies of ``module``'s weights, one expert at a time (the
-    3-D tensors are freed once no one else holds them). ``module`` keeps its gating code but loses
-    its 3-D parameters."""
+    """A :class:`LinearExperts` holding copies of ``module``'s weights (so converting needs this one
+    module's weights twice, briefly; its 3-D tensors are freed once no one else holds them).
+    ``module`` keeps its gating code but loses its 3-D parameters. A ValueError names the module when
+    its layout is not the contract's (expert parallelism on, a missing projection, other weights)."""
     first_name, down_name = projection_names(bool(module.has_gate))
     weights = [first_name, down_name]
     biases = [f"{p}_bias" for p in weights] if module.has_bias else []
