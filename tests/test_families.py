@@ -1,19 +1,23 @@
 """Decoder-only families beyond Llama: tiny random models from transformers configs, each compressed
 end to end at 30% on the reduced grid, reloaded (compressed and dense-exported) and checked; plus the
-walk's refusals (Conv1D, shared weights), MoE experts held as modules, and the README's untested list."""
+walk's refusals (Conv1D, shared weights), MoE experts held as modules or as 3-D tensors (per-expert
+Grams, unrouted experts, streaming), and the README's untested list."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from conftest import make_tiny_ids, make_tiny_model
 from rocketkit import load_pretrained
+from rocketkit.arch.moe import LinearExperts
 from rocketkit.evaluate import perplexity
 from rocketkit.models import LoadedModel, block_linears, block_skipped, causal_lm_model_types, walk_model
 from rocketkit.pipeline import compress, format_summary
@@ -52,10 +56,13 @@ FAMILIES = {
     "gpt_bigcode": (dict(n_embd=32, n_head=4, n_layer=2), "fused c_attn, multi-query attention"),
     "codegen": (dict(n_embd=32, n_head=4, n_layer=2, rotary_dim=4), "fused qkv_proj"),
     "opt": (dict(ffn_dim=48, word_embed_proj_dim=32), "learned positions"),
-    "mixtral": (dict(num_local_experts=4, **_MOE), "MoE: 3-D experts and router reported, not compressed"),
+    "mixtral": (dict(num_local_experts=4, **_MOE), "MoE: 3-D experts as per-expert linears, router kept dense"),
     "qwen2_moe": (dict(num_experts=4, shared_expert_intermediate_size=24, **_MOE),
-                  "MoE with a shared expert: 3-D experts and router reported, not compressed"),
-    "olmoe": (dict(num_experts=4, **_MOE), "MoE: 3-D experts and router reported, not compressed"),
+                  "MoE with a shared expert: 3-D experts as per-expert linears, router kept dense"),
+    "qwen3_moe": (dict(num_experts=4, **_MOE), "MoE: 3-D experts as per-expert linears, router kept dense"),
+    "olmoe": (dict(num_experts=4, **_MOE), "MoE: 3-D experts as per-expert linears, router kept dense"),
+    "gpt_oss": (dict(num_local_experts=4, head_dim=8, sliding_window=8, **_MOE),
+                "MoE with transposed, biased, interleaved gate/up experts; attention sinks, sliding layers"),
     "jamba": (dict(num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                    expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=2, mamba_expand=2, mamba_dt_rank=4,
                    use_mamba_kernels=False),
@@ -63,9 +70,12 @@ FAMILIES = {
     "bamba": (dict(mamba_d_state=4, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=8,
                    attn_layer_indices=[1]), "hybrid Mamba-2/attention; blocks return (hidden, attn) tuples"),
 }
-# Families whose blocks hold weights the walk leaves alone (3-D experts, routers, Mamba's Conv1d,
-# Mamba's dt_proj, which its code uses as a bare weight and so no calibration token reaches).
-PARTIAL = ("mixtral", "qwen2_moe", "olmoe", "jamba", "bamba")
+# Families whose blocks hold weights the walk leaves alone (Mamba's Conv1d, Mamba's dt_proj, which its
+# code uses as a bare weight and so no calibration token reaches).
+PARTIAL = ("jamba", "bamba")
+# Families whose experts are 3-D tensors (arch.moe converts them to per-expert linears); their routers
+# stay dense and are reported.
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "jamba")
 TESTED = tuple(FAMILIES)
 
 
@@ -109,11 +119,20 @@ def test_family_compresses_and_round_trips(family, tmp_path):
     left = s["not_compressed"]
     if family in PARTIAL:
         assert left and "weights not compressed" in text
-        assert all(re.search(r"not an nn\.Linear|^kept dense: ", why) for why in left.values()), left
-        if family in ("mixtral", "qwen2_moe", "olmoe"):
-            for i in range(2):
-                assert f"model.layers.{i}.mlp.experts.gate_up_proj" in left and f"model.layers.{i}.mlp.gate.weight" in left
-    else:
+        assert all(re.search(r"not an nn\.Linear|^kept dense: |^router \(kept dense", why) for why in left.values()), left
+    if family in MOE:
+        # Every 3-D experts tensor became per-expert linears; only routers (and unrouted experts) stay.
+        routers = [n for n, why in left.items() if why.startswith("router (kept dense")]
+        assert routers and not any(re.search(r"experts\.(gate_up|up|down)_proj$", n) for n in left), left
+        if family not in PARTIAL:
+            assert all(n in routers or why.startswith("kept dense: no finite calibration token")
+                       for n, why in left.items()), left
+        section = json.loads((out / "config.json").read_text())["rocketkit"]
+        experts = [r["name"] for r in section["experts"]]
+        assert experts and all(isinstance(model.get_submodule(n), LinearExperts) for n in experts)
+        factorized_experts = [r["name"] for r in section["layers"] if re.search(r"\.experts\.\d+\.(gate_up|up|down)_proj$", r["name"])]
+        assert factorized_experts, section["layers"]
+    elif family not in PARTIAL:
         assert left == {}
     with torch.no_grad():
         compressed = model(probe).logits  # the in-memory model is compressed in place
@@ -122,6 +141,12 @@ def test_family_compresses_and_round_trips(family, tmp_path):
         dense_dir = export_dense(out, tmp_path / "dense", progress=False)["path"]
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, local_files_only=True).eval()
         torch.testing.assert_close(dense(probe).logits, compressed, rtol=1e-4, atol=1e-4)
+    if family in MOE:
+        # The export holds the family's own 3-D experts tensors, which plain transformers loaded above.
+        assert not any(isinstance(m, LinearExperts) for m in dense.modules())
+        with safe_open(str(Path(dense_dir) / "model.safetensors"), framework="pt") as f:
+            for name in experts:
+                assert len(f.get_slice(f"{name}.down_proj").get_shape()) == 3
 
 
 def test_gpt2_conv1d_refused_by_name(tmp_path):
@@ -246,3 +271,125 @@ def test_readme_lists_every_untested_architecture():
     assert listed == expected, f"README untested list: missing {sorted(expected - listed)}, stale {sorted(listed - expected)}"
     m = re.search(r"<!-- tested-architectures:start -->(.*?)<!-- tested-architectures:end -->", readme, re.S)
     assert m and set(re.findall(r"`([A-Za-z0-9_\-]+)`", m.group(1))) == set(TESTED)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_tensor_experts_conversion_keeps_logits(family):
+    """Per-expert linears (arch.moe) compute what the family's 3-D experts module computes."""
+    from rocketkit.models import prepare_model
+
+    model = _tiny(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" not in name:
+                p.normal_(0, 0.1)  # biases (gpt_oss) and sinks start at zero
+        ids = _ids(2, 19, seed=5)
+        before = model(ids).logits
+        names = prepare_model(model)
+        assert names and all(isinstance(model.get_submodule(n), LinearExperts) for n in names)
+        assert prepare_model(model) == []  # idempotent
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-6)
+
+
+def _mixtral_with_unrouted_expert():
+    """Tiny top-1 Mixtral whose expert 3 no token can reach: router rows 0 and 1 are opposite, so one
+    of their logits is positive whenever the other is negative, and row 3 is zero."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING["mixtral"](**{**_SHAPE, **FAMILIES["mixtral"][0], "num_experts_per_tok": 1})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w[1] = -w[0]
+            w[3] = 0
+    return model
+
+
+def test_tensor_experts_get_routed_grams_and_unrouted_ones_stay_dense(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rocketkit.calibrate import BlockStream
+    from rocketkit.checkpoint import export_dense
+
+    model = _mixtral_with_unrouted_expert()
+    calib, probe = _ids(4, 24, seed=1), _ids(2, 24, seed=2)
+    routed = []
+    block = model.model.layers[0]
+    stream = BlockStream(model, calib, batch_size=2)  # its capture runs block 0 once: hook after it
+    handle = block.mlp.gate.register_forward_hook(
+        lambda m, args, out: routed.append((args[0].detach().reshape(-1, 32).double(), out[2])))
+    cb = stream.run(0)
+    handle.remove()
+    stream.close()
+    x = torch.cat([r[0] for r in routed])
+    choice = torch.cat([r[1] for r in routed])[:, 0]
+    for e in range(4):
+        g = cb.grams[f"mlp.experts.{e}.gate_up_proj"]
+        mine = x[choice == e]
+        assert g.tokens == mine.shape[0] and (g.tokens > 0) == (e != 3)
+        torch.testing.assert_close(g.H, mine.T @ mine, rtol=1e-12, atol=1e-12)
+    assert "mlp.gate.weight" not in {n for n in cb.linears}  # the router is no linear of the walk
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is kept dense: ", category=RuntimeWarning)
+        s = compress(LoadedModel(model, None, "tiny-mixtral-unrouted"), RATIO, out_dir=tmp_path / "ck", calib_ids=calib,
+                     eval_ids=probe, progress=False, buckets=2000, crs=REDUCED_CRS, kss=REDUCED_KS)
+    left = s["not_compressed"]
+    for i in range(2):
+        assert left[f"model.layers.{i}.mlp.gate.weight"].startswith("router (kept dense")
+        for proj in ("gate_up_proj", "down_proj"):
+            assert left[f"model.layers.{i}.mlp.experts.3.{proj}"].startswith("kept dense: no finite calibration token")
+    assert not any(".experts.0." in n for n in left)
+    with torch.no_grad():
+        compressed = model(probe).logits
+        # transformers' own entry point (rocketkit's quantizer), and a save_pretrained of what it loaded:
+        # Mixtral's checkpoint renamings (block_sparse_moe, experts.*.w1) apply neither way.
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", local_files_only=True).eval()
+        assert torch.equal(loaded(probe).logits, compressed)
+        loaded.save_pretrained(tmp_path / "resaved")
+        assert torch.equal(load_pretrained(tmp_path / "resaved")(probe).logits, compressed)
+    cfg_path = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rocketkit"]["experts"] = cfg["rocketkit"]["experts"][:1]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rocketkit experts \['model\.layers\.0\.mlp\.experts'\] do not match"):
+        load_pretrained(tmp_path / "ck")
+    cfg["rocketkit"]["experts"][0]["projections"] = ["w1", "w2"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="malformed rocketkit experts record"):
+        load_pretrained(tmp_path / "ck")
+        dense_dir = export_dense(tmp_path / "ck", tmp_path / "dense", progress=False)["path"]
+        dense = AutoModelForCausalLM.from_pretrained(dense_dir, local_files_only=True).eval()
+        torch.testing.assert_close(dense(probe).logits, compressed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,names", [("qwen3_moe", "own"), ("mixtral", "hub"), ("qwen2_moe", "hub")])
+def test_tensor_experts_stream_from_a_folder(family, names, tmp_path):
+    """A folder compresses streamed (each expert's weights cut from the 3-D tensors as its block is
+    materialized) as it does in memory, whether it holds the model's own 3-D experts tensors or the
+    hub's per-expert names that transformers merges while loading (save_pretrained writes those:
+    Mixtral's block_sparse_moe.experts.<e>.w1/w2/w3, Qwen's experts.<e>.gate_proj/up_proj/down_proj)."""
+    from safetensors.torch import save_file
+
+    model = _tiny(family)
+    folder = tmp_path / "src"
+    if names == "hub":
+        model.save_pretrained(folder)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            assert not any(k.endswith("experts.down_proj") for k in f.keys())
+    else:
+        folder.mkdir()
+        model.config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or
+                   not model.config.tie_word_embeddings}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    calib, probe = _ids(4, 24, seed=1), _ids(2, 24, seed=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* is kept dense: ", category=RuntimeWarning)
+        streamed = compress(str(folder), RATIO, out_dir=tmp_path / "streamed", calib_ids=calib, eval_ids=probe,
+                            progress=False, buckets=2000, crs=REDUCED_CRS, kss=REDUCED_KS)
+        in_memory = compress(LoadedModel(model, None, f"tiny-{family}"), RATIO, out_dir=tmp_path / "mem", calib_ids=calib,
+                             eval_ids=probe, progress=False, buckets=2000, crs=REDUCED_CRS, kss=REDUCED_KS)
+    assert streamed["factorized_layers"] == in_memory["factorized_layers"] > 0
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "streamed")(probe).logits, load_pretrained(tmp_path / "mem")(probe).logits)

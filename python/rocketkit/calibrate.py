@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rocketkit.models import block_linears, streaming_weights, walk_model
+from rocketkit.models import block_linears, prepare_model, streaming_weights, walk_model
 
 
 @dataclass(eq=False)
@@ -188,6 +188,7 @@ class BlockStream:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        prepare_model(model)  # 3-D MoE experts become per-expert linears (idempotent)
         walk = walk_model(model)  # fails before any work
         self.path, self.blocks = walk.prefix, walk.blocks
         self.streaming = streaming_weights(model)

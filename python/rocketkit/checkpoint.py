@@ -87,6 +87,32 @@ def rocketkit_section(allocation, applied: dict | None = None, dtype=None) -> di
     }
 
 
+def with_experts(section: dict, model) -> dict:
+    """``section`` plus, when ``model`` holds MoE experts converted to per-expert linears
+    (``arch.moe``), their records under ``"experts"``: loading converts the same modules before
+    reading the tensors, and the dense export stacks them back into the family's 3-D tensors.
+    A model without such modules gets ``section`` unchanged."""
+    from rocketkit.arch.moe import experts_records
+
+    records = experts_records(model)
+    return {**section, "experts": records} if records else section
+
+
+def experts_section(section: dict, where) -> list[dict]:
+    """The validated ``"experts"`` records of a rocketkit section (none for most models)."""
+    raw = section.get("experts", [])
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: rocketkit \"experts\" must be a list, got {type(raw).__name__}")
+    for rec in raw:
+        ok = (isinstance(rec, dict) and isinstance(rec.get("name"), str) and rec["name"]
+              and isinstance(rec.get("num_experts"), int) and not isinstance(rec["num_experts"], bool)
+              and rec["num_experts"] >= 1 and rec.get("projections") in (["gate_up_proj", "down_proj"], ["up_proj", "down_proj"])
+              and isinstance(rec.get("transposed"), bool) and isinstance(rec.get("bias"), bool))
+        if not ok:
+            raise ValueError(f"{where}: malformed rocketkit experts record {rec!r}")
+    return raw
+
+
 def stamp_config(cfg: dict, section: dict) -> dict:
     """config.json of a checkpoint: ``cfg`` with the rocketkit ``section``, the ``quantization_config``
     that routes ``from_pretrained`` to rocketkit's quantizer, and the import guard (IMPORT_GUARD)."""
@@ -133,7 +159,7 @@ def save_compressed(
     from rocketkit.fileio import atomic_directory, atomic_write_json, read_json
     from rocketkit.modules import FactorizedLinear
 
-    section = rocketkit_section(allocation, applied)
+    section = with_experts(rocketkit_section(allocation, applied), model)
     modules = dict(model.named_modules())
     for rec in section["layers"]:
         module = modules.get(rec["name"])
@@ -222,6 +248,7 @@ def read_config(path) -> tuple[dict, dict, list[LayerRecord]]:
     raw = section.get("layers")
     if not isinstance(raw, list):
         raise ValueError(f"{cfg_path}: rocketkit section has no \"layers\" list")
+    experts_section(section, cfg_path)
     records: list[LayerRecord] = []
     seen: set[str] = set()
     for rec in raw:
@@ -509,8 +536,16 @@ def install_factorized_layers(path, model) -> dict[str, tuple[TensorEntry, int]]
 
     path = Path(path)
     cfg_path = path / "config.json"
-    _, records, table = validate_checkpoint(path)
+    section, records, table = validate_checkpoint(path)
     model_type = getattr(model.config, "model_type", "?")
+    wanted = [r["name"] for r in experts_section(section, cfg_path)]
+    if wanted:
+        from rocketkit.models import prepare_model
+
+        converted = prepare_model(model)
+        if converted != wanted:
+            raise ValueError(f"{cfg_path}: rocketkit experts {wanted} do not match the {model_type} architecture's "
+                             f"3-D experts modules {converted}")
     for rec in records:
         try:
             lin = model.get_submodule(rec.name)
@@ -605,9 +640,15 @@ def export_dense(src, out_dir, dtype=None, overwrite: bool = False, max_shard_by
 
     from rocketkit.fileio import atomic_directory, atomic_save_safetensors, atomic_write_json
 
+    from rocketkit.arch.moe import tensor_layout
+
     src, out_dir = Path(src), Path(out_dir)
-    cfg, _, records = read_config(src)
+    cfg, section, records = read_config(src)
     table = read_tensor_table(src)
+    # Converted MoE experts (arch.moe) go back to the family's 3-D tensors: family name -> members.
+    stacked = {family: layout for rec in experts_section(section, src / "config.json")
+               for family, layout in tensor_layout(rec).items()}
+    stacked_in = {member: family for family, (members, _, _) in stacked.items() for member in members}
     out_dtype = None if dtype is None else _float_dtype(dtype, "export_dense")
     if max_shard_bytes < 1:
         raise ValueError(f"export_dense: max_shard_bytes must be >= 1, got {max_shard_bytes}")
@@ -618,16 +659,27 @@ def export_dense(src, out_dir, dtype=None, overwrite: bool = False, max_shard_by
 
     # Plan: output tensors in the source's order (one entry per factorized layer, at its U).
     plan: list[tuple[str, int]] = []  # (output name, bytes)
+    planned: set[str] = set()
     for name, e in table.items():
         owner = factor_owner.get(name)
         if owner is not None:
-            if name.endswith(".U"):
-                rec = by_layer[owner]
-                item = (out_dtype or e.dtype).itemsize
-                plan.append((f"{owner}.weight", rec.d1 * rec.d2 * item))
+            if not name.endswith(".U"):
+                continue
+            rec = by_layer[owner]
+            out_name, nbytes = f"{owner}.weight", rec.d1 * rec.d2 * (out_dtype or e.dtype).itemsize
+        else:
+            item = (out_dtype or e.dtype).itemsize if e.dtype.is_floating_point else e.dtype.itemsize
+            out_name, nbytes = name, e.numel * item
+        family = stacked_in.get(out_name)
+        if family is not None:
+            if family not in planned:
+                planned.add(family)
+                plan.append((family, nbytes * len(stacked[family][0])))
             continue
-        item = (out_dtype or e.dtype).itemsize if e.dtype.is_floating_point else e.dtype.itemsize
-        plan.append((name, e.numel * item))
+        plan.append((out_name, nbytes))
+    unplanned = sorted(f for f in stacked if f not in planned)
+    if unplanned:
+        raise ValueError(f"{src}: no tensors of the experts' {unplanned[:4]}")
     shards: list[list[str]] = [[]]
     size = 0
     for name, nbytes in plan:
@@ -640,6 +692,16 @@ def export_dense(src, out_dir, dtype=None, overwrite: bool = False, max_shard_by
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     def dense_tensor(name: str) -> torch.Tensor:
+        if name in stacked:
+            members, _, transposed = stacked[name]
+            missing = [m for m in members if m not in table and m[: -len(".weight")] not in by_layer]
+            if missing:
+                raise ValueError(f"{src}: tensors missing from the checkpoint: {missing[:8]}")
+            parts = [layer_tensor(m) for m in members]
+            return torch.stack([p.T if transposed else p for p in parts]).contiguous()
+        return layer_tensor(name)
+
+    def layer_tensor(name: str) -> torch.Tensor:
         owner = name[: -len(".weight")] if name.endswith(".weight") else None
         if owner in by_layer:
             rec = by_layer[owner]

@@ -65,6 +65,7 @@ def check_architecture(config, trust_remote_code: bool = False) -> None:
     # Buffers on meta too: some default-sized configs build rotary caches of tens of GB.
     with init_empty_weights(include_buffers=True):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    prepare_model(skeleton)
     walk_model(skeleton)
 
 
@@ -189,34 +190,76 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def prepare_model(model: nn.Module) -> list[str]:
+    """Turn, in place, what the walk cannot see into what it can, before calibration: MoE experts held
+    as 3-D tensors become per-expert nn.Linear with the same forward (``arch.moe``). Returns the
+    converted modules' names; a model without such modules is left untouched."""
+    from rocketkit.arch.moe import convert_tensor_experts
+
+    return convert_tensor_experts(model)
+
+
+def _expert_counts(module: nn.Module) -> set[int]:
+    """How many experts each expert container among ``module``'s children holds (ModuleLists of two
+    or more modules, and converted 3-D experts)."""
+    from rocketkit.arch.moe import LinearExperts
+
+    counts = {len(c) for c in module.children() if isinstance(c, nn.ModuleList) and len(c) > 1}
+    return counts | {c.num_experts for c in module.children() if isinstance(c, LinearExperts)}
+
+
 def router_names(block: nn.Module) -> list[str]:
     """nn.Linear layers that route tokens among experts, which stay dense: a linear with one output
-    per expert of a sibling ModuleList (``gate`` next to ``experts`` in an MoE block whose experts
-    are modules). The routing decision is discrete, so a small weight error could send tokens to
-    other experts, and the layer is tiny anyway."""
+    per expert of a sibling expert container (``gate`` next to ``experts`` in an MoE block). The
+    routing decision is discrete, so a small weight error could send tokens to other experts, and
+    the layer is tiny anyway."""
     out = []
     for mname, module in block.named_modules():
-        n_experts = {len(c) for c in module.children() if isinstance(c, nn.ModuleList) and len(c) > 1}
+        n_experts = _expert_counts(module)
         for cname, child in module.named_children():
             if isinstance(child, nn.Linear) and child.out_features in n_experts:
                 out.append(_join(mname, cname))
     return out
 
 
+def _bare_router_weights(block: nn.Module) -> set[str]:
+    """Routers held as a bare (n_experts, hidden) weight (transformers 5's ``*TopKRouter``) next to an
+    expert container: names relative to the block."""
+    out = set()
+    for mname, module in block.named_modules():
+        n_experts = _expert_counts(module)
+        if not n_experts:
+            continue
+        for cname, child in module.named_children():
+            for attr, p in child._parameters.items():
+                if p is not None and p.ndim == 2 and p.shape[0] in n_experts and not isinstance(child, nn.Linear):
+                    out.add(_join(_join(mname, cname), attr))
+    return out
+
+
 def block_skipped(block: nn.Module) -> dict[str, str]:
-    """The block's weights that are not compressed, by name relative to the block, with why: routers,
-    and every parameter of two or more dimensions outside an nn.Linear (GPT-2's Conv1D, MoE experts
-    stored as 3-D tensors, a router held as a bare weight). Norms and biases (1-D) are not listed."""
+    """The block's weights that are not compressed, by name relative to the block, with why: routers
+    (nn.Linear, or a bare (n_experts, hidden) weight next to the experts), and every other parameter
+    of two or more dimensions outside an nn.Linear (GPT-2's Conv1D, MoE experts stored as 3-D
+    tensors that ``prepare_model`` did not or could not convert). Norms and biases (1-D) are not
+    listed."""
+    from rocketkit.arch.moe import NOT_CONVERTED_ATTR
     from rocketkit.modules import FactorizedLinear
 
     out = {name: "router (kept dense)" for name in router_names(block)}
+    bare_routers = _bare_router_weights(block)
     for mname, module in block.named_modules():
         if isinstance(module, (nn.Linear, FactorizedLinear)):
             continue
         for attr, p in module._parameters.items():
             if p is not None and p.ndim >= 2:
                 shape = "x".join(str(d) for d in p.shape)
-                out[_join(mname, attr)] = f"{p.ndim}-D parameter of {type(module).__name__} ({shape}), not an nn.Linear"
+                if _join(mname, attr) in bare_routers:
+                    out[_join(mname, attr)] = f"router (kept dense; {type(module).__name__}, {shape})"
+                    continue
+                why = getattr(module, NOT_CONVERTED_ATTR, None)
+                out[_join(mname, attr)] = (f"{p.ndim}-D parameter of {type(module).__name__} ({shape}), not an nn.Linear"
+                                           + (f" ({why})" if why else ""))
     return out
 
 
@@ -360,6 +403,45 @@ def _shard_map(folder: Path) -> dict[str, Path]:
     return out
 
 
+@dataclass
+class _RenamedTensor:
+    """How transformers builds one of the model's tensors from a checkpoint in a family's older names:
+    the checkpoint keys, each with the source pattern it matched, and the converter (None: a rename)."""
+
+    sources: list[tuple[str, str | None]]
+    converter: object | None = None
+
+
+def _renamed_tensors(model: nn.Module, keys) -> dict[str, _RenamedTensor]:
+    """The model's own tensor name -> how to build it, for every checkpoint key that transformers'
+    conversion mapping of this family renames or merges (hub MoE checkpoints name experts
+    ``experts.<e>.w1.weight`` or ``experts.<e>.gate_proj.weight`` where the model holds one 3-D
+    ``experts.gate_up_proj``). Empty for a checkpoint already in the model's own names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:  # a transformers without conversion mappings reads checkpoints by their own names
+        return {}
+    try:
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # remote code or a family the mapping cannot walk: no renaming known
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return {}
+    out: dict[str, _RenamedTensor] = {}
+    for key in sorted(keys, key=dot_natural_key):  # experts in index order, as transformers merges them
+        target, pattern = rename_source_key(key, renamings, converters)
+        if target == key and pattern is None:
+            continue
+        entry = out.setdefault(target, _RenamedTensor([]))
+        entry.sources.append((key, pattern))
+        if pattern is not None and entry.converter is None:
+            entry.converter = next(c for c in converters if pattern in c.source_patterns)
+    return out
+
+
 class StreamingWeights:
     """Weights of a model skeleton whose decoder blocks stay on the meta device until asked for.
 
@@ -375,11 +457,40 @@ class StreamingWeights:
         self.prefix, self.blocks = find_decoder_blocks(model)
         self._keys = keys
         self._live: dict[int, list[tuple[nn.Module, str, nn.Parameter]]] = {}
+        # Per-expert tensors of converted 3-D experts (arch.moe): key -> (the family's 3-D key, expert, transposed).
+        from rocketkit.arch.moe import experts_records, tensor_layout
+
+        self._sliced: dict[str, tuple[str, int, bool]] = {
+            member: (family, e, transposed)
+            for rec in experts_records(model)
+            for family, (members, _, transposed) in tensor_layout(rec).items()
+            for e, member in enumerate(members)
+        }
+        self._model = model
+        self._renamed = _renamed_tensors(model, keys)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        sliced = [n for n in names if n not in self._keys and n in self._sliced]
+        if sliced:
+            # Each family tensor is read once and cut into its experts' weights.
+            names = [n for n in names if n not in sliced]
+            whole = self._read(sorted({self._sliced[n][0] for n in sliced}))
+            out = self._read(names) if names else {}
+            for n in sliced:
+                family, e, transposed = self._sliced[n]
+                part = whole[family][e]
+                out[n] = (part.T if transposed else part).clone(memory_format=torch.contiguous_format)
+            return out
+        renamed = [n for n in names if n not in self._keys and n in self._renamed]
+        if renamed:
+            names = [n for n in names if n not in renamed]
+            out = self._read(names) if names else {}
+            for n in renamed:
+                out[n] = self._build_renamed(n)
+            return out
         missing = [n for n in names if n not in self._keys]
         if missing:
             raise ValueError(f"{self.folder}: checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -395,6 +506,28 @@ class StreamingWeights:
                     # A tensor read on CPU maps the file; .to() copies only when dtype/device differ.
                     out[key] = handle.get_tensor(key).to(device=self.device, dtype=self.dtype)
         return out
+
+    def _build_renamed(self, name: str) -> torch.Tensor:
+        """The model's tensor ``name`` from a checkpoint in the family's older names, built as
+        transformers builds it (its converter's operations: merge the experts, concatenate gate/up)."""
+        entry = self._renamed[name]
+        tensors = self._read([key for key, _ in entry.sources])
+        conv = entry.converter
+        if conv is None:
+            return tensors[entry.sources[0][0]]
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for key, pattern in entry.sources:
+            collected[pattern].append(tensors.pop(key))
+        collected = {p: collected[p] for p in conv.source_patterns if p in collected}
+        for op in conv.operations:
+            collected = op.convert(collected, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                   full_layer_name=name, model=self._model, config=getattr(self._model, "config", None))
+        if len(collected) != 1:
+            raise ValueError(f"{self.folder}: {name} is built by {type(conv).__name__} {conv.source_patterns} -> "
+                             f"{conv.target_patterns} into {len(collected)} tensors; streaming reads one-to-one and "
+                             "many-to-one conversions only (load the model in memory instead)")
+        t = next(iter(collected.values()))
+        return t.to(device=self.device, dtype=self.dtype)
 
     def load_into(self, owners: list[tuple[str, nn.Module, str]]) -> list[tuple[nn.Module, str, nn.Parameter]]:
         """Replace each (checkpoint key, module, attribute) parameter by the checkpoint's tensor."""
@@ -469,6 +602,7 @@ def open_streaming(
     keys = _shard_map(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    prepare_model(model)
     streaming = StreamingWeights(model, folder, dtype, device, keys)
     block_prefix = streaming.prefix + "."
     out_emb = model.get_output_embeddings()

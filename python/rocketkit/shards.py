@@ -93,14 +93,14 @@ def write_index(folder, weight_map: dict[str, str], total_size: int) -> None:
 def write_config(folder, model: nn.Module, section: dict, dtype: torch.dtype) -> None:
     """config.json as save_pretrained writes it for ``model`` stored in ``dtype``, plus ``section`` (and
     what transformers needs to load it: ``checkpoint.stamp_config``)."""
-    from rocketkit.checkpoint import stamp_config
+    from rocketkit.checkpoint import stamp_config, with_experts
     from rocketkit.fileio import atomic_write_json
 
     cfg = json.loads(model.config.to_json_string(use_diff=True))
     cfg["architectures"] = [type(model).__name__]
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg = dict(sorted(cfg.items()))  # to_json_string's order, whatever the source config held
-    atomic_write_json(Path(folder) / "config.json", stamp_config(cfg, section))
+    atomic_write_json(Path(folder) / "config.json", stamp_config(cfg, with_experts(section, model)))
 
 
 def write_generation_config(folder, model: nn.Module, source_folder=None) -> None:

@@ -57,8 +57,19 @@ class RocketkitHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("[RocketkitHfQuantizer] a rocketkit checkpoint loads from its safetensors files only "
                              "(no state_dict=, no gguf_file=)")
+        from rocketkit.arch.moe import LinearExperts
+
         self._indices = install_factorized_layers(Path(checkpoint_files[0]).parent, model)
+        self._experts_converted = any(isinstance(m, LinearExperts) for m in model.modules())
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        # A checkpoint with per-expert linears (arch.moe) holds the model's own state-dict names, which
+        # some families' conversions (e.g. "mlp.experts.*.down_proj.weight" -> 3-D "mlp.experts.down_proj")
+        # would merge back into the 3-D tensors; none applies, and save_pretrained then reverts none.
+        if getattr(self, "_experts_converted", False):
+            return []
+        return super().update_weight_conversions(weight_conversions, model)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from rocketkit.checkpoint import check_loaded_indices

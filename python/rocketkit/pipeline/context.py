@@ -61,7 +61,7 @@ class RunContext:
     # ---------------------------------------------------------------- setup
 
     def open_model(self) -> None:
-        from rocketkit.models import LoadedModel, open_streaming, streaming_weights, walk_model
+        from rocketkit.models import LoadedModel, open_streaming, prepare_model, streaming_weights, walk_model
         from rocketkit.workdir import model_folder_fingerprint, model_memory_fingerprint
 
         t = time.perf_counter()
@@ -75,6 +75,9 @@ class RunContext:
             loaded = open_streaming(str(spec), dtype=o.dtype, device=self.device, trust_remote_code=o.trust_remote_code)
             self.spec_name, self.source_folder, self.in_memory = str(spec), Path(loaded.source), False
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        # An in-memory model's 3-D MoE experts become per-expert linears here, in place (a streamed
+        # skeleton's already did in open_streaming).
+        prepare_model(self.model)
         self.walk = walk_model(self.model)
         self.prefix, self.blocks = self.walk.prefix, self.walk.blocks
         self.n_blocks = len(self.blocks)
