@@ -202,8 +202,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _check_allocation(model: nn.Module, allocation: Allocation) -> dict:
-    """The allocation's factorized layers (name -> decision), after checking that every layer it
-    names is an nn.Linear of ``model`` of its shape."""
+    """The allocation's factorized layers (name -> decision), once ``model`` is prepared as the
+    profile saw it and every layer the allocation names is checked to be an nn.Linear of its shape."""
     from rocketkit.models import prepare_model
 
     prepare_model(model)  # as the profile saw it: 3-D MoE experts as per-expert linears
