@@ -492,3 +492,21 @@ def test_refined_run_reports_profiled_and_applied_errors(tokenizer, tmp_path):
     assert refined["output_error_applied_mean"] < refined["output_error_profiled_mean"]
     assert all(s["whitening"] == "cache" for r in doc["runs"] for s in r["stages"] if s["name"] == "apply")
     assert "weight + refine 1" in (tmp_path / "o" / "study.md").read_text()
+
+
+def test_threads_pinned_for_the_whole_study(tmp_path, monkeypatch):
+    import rocketkit.study as study_mod
+
+    seen = []
+
+    def stop(*_):  # the first step of the study's body: record the thread count, then stop
+        seen.append(torch.get_num_threads())
+        raise KeyError("stop")
+
+    monkeypatch.setattr(study_mod, "_check_lists", stop)
+    before = torch.get_num_threads()
+    with pytest.raises(KeyError):
+        run_study("/nonexistent/model", [0.2], ["weight"], out_dir=tmp_path / "o", num_threads=1)
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads"):
+        run_study("/nonexistent/model", [0.2], ["weight"], out_dir=tmp_path / "o", num_threads=-1)

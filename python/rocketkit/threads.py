@@ -45,3 +45,22 @@ def pinned_threads(num_threads: int) -> Iterator[int]:
     finally:
         torch.set_num_threads(saved_torch)
         blas.scipy_openblas_set_num_threads(saved_blas)
+
+
+def pins_threads(fn):
+    """Decorate a function taking ``num_threads``: its body runs under :func:`pinned_threads`. Unpinned,
+    OpenBLAS threads spin at their barriers; on a busy machine one 576×1536 factorization then took
+    27.7 s at 2 threads against 0.68 s at 1 (AMD EPYC, 2 cores, load 5)."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with pinned_threads(bound.arguments["num_threads"]):
+            return fn(*args, **kwargs)
+
+    return run
