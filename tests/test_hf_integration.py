@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,16 @@ def test_fresh_process_any_import_order(saved, code):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def _make_format_1(folder):
+    """Rewrite a checkpoint's config.json as format_version 1 wrote it; returns the version 2 config."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    v1 = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in ("quantization_config", "transformers_weights")}
+    v1["rocketkit"]["format_version"] = 1
+    cfg_path.write_text(json.dumps(v1))
+    return cfg
+
+
 def test_format_version_1_refused_then_upgraded(saved, tiny_ids, capsys):
     from rocketkit import load_pretrained
     from rocketkit.checkpoint import checkpoint_info
@@ -134,10 +145,7 @@ def test_format_version_1_refused_then_upgraded(saved, tiny_ids, capsys):
 
     folder, model, _ = saved("llama")
     cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    v1 = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in ("quantization_config", "transformers_weights")}
-    v1["rocketkit"]["format_version"] = 1
-    cfg_path.write_text(json.dumps(v1))
+    cfg = _make_format_1(folder)
     for load in (load_pretrained, checkpoint_info):
         with pytest.raises(ValueError, match=r"config\.json: rocketkit format_version 1 .*`rocketkit upgrade "):
             load(folder)
@@ -147,6 +155,49 @@ def test_format_version_1_refused_then_upgraded(saved, tiny_ids, capsys):
     assert main(["upgrade", str(folder)]) == 0 and "already format_version 2" in capsys.readouterr().out
     with torch.no_grad():
         assert torch.equal(_from_pretrained(folder)(tiny_ids).logits, model(tiny_ids).logits)
+
+
+_FORMAT_1_REFUSED = r"config\.json: rocketkit format_version 1 .*`rocketkit upgrade .*ck-llama"
+
+
+def test_format_version_1_refused_by_from_pretrained(saved, tiny_model_factory, tiny_ids, tmp_path):
+    """A version 1 folder has no quantization_config, so the quantizer never sees it: from_pretrained
+    itself refuses it (through AutoModel*, a model class, a subfolder) and leaves other models alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    folder, _, _ = saved("llama")
+    _make_format_1(folder)
+    for load in (lambda: AutoModelForCausalLM.from_pretrained(folder),
+                 lambda: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu"),
+                 lambda: LlamaForCausalLM.from_pretrained(folder),  # no config object: config.json is read
+                 lambda: LlamaForCausalLM.from_pretrained(folder, config=AutoConfig.from_pretrained(folder)),
+                 lambda: AutoModelForCausalLM.from_pretrained(folder.parent, subfolder=folder.name)):
+        with pytest.raises(ValueError, match=_FORMAT_1_REFUSED):
+            load()
+    dense = tiny_model_factory("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    for load in (AutoModelForCausalLM.from_pretrained, LlamaForCausalLM.from_pretrained):
+        m = load(tmp_path / "dense")
+        with torch.no_grad():
+            assert torch.equal(m(tiny_ids).logits, dense(tiny_ids).logits)
+
+
+@pytest.mark.parametrize("code", [
+    "import rocketkit; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+    "from transformers import AutoModelForCausalLM; import rocketkit; AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+    "import transformers.modeling_utils, rocketkit; from transformers import LlamaForCausalLM; "
+    "LlamaForCausalLM.from_pretrained(sys.argv[1])",
+])
+def test_format_version_1_refused_in_fresh_process_any_import_order(saved, code):
+    import rocketkit
+
+    where = {**os.environ, "PYTHONPATH": str(Path(rocketkit.__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    folder, _, _ = saved("llama")
+    _make_format_1(folder)
+    r = subprocess.run([sys.executable, "-c", f"import sys; {code}", str(folder)], capture_output=True, text=True,
+                       timeout=300, env=where)
+    assert r.returncode != 0 and "ValueError" in r.stderr, r.stderr[-3000:]
+    assert re.search(_FORMAT_1_REFUSED, r.stderr), r.stderr[-3000:]
 
 
 def test_from_pretrained_refuses_tensors_that_disagree(saved, tmp_path):
@@ -254,8 +305,11 @@ def test_eval_cli_harness_on_factorized_smollm2(smollm2, tmp_path, capsys):
     doc = json.loads((tmp_path / "results.json").read_text())
     model = _from_pretrained(tmp_path / "ck")
     assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    # the harness's limit scores the head of each task; rocketkit's default subset is spread over it
     ours = evaluate_tasks(model, AutoTokenizer.from_pretrained(tmp_path / "ck"), ["piqa", "arc_easy"], limit=4,
-                          batch_size=4, progress=False)
+                          batch_size=4, progress=False, subset="head")
     for task in ("piqa", "arc_easy"):
         theirs = doc["results"][f"rocketkit_local_{task}"]["acc,none"]
+        print(f"{task}: rocketkit eval acc {theirs}, rocketkit scorer acc {ours[task]['value']} "
+              f"(n={ours[task]['n']}, outcomes {ours[task]['outcomes']})")
         assert theirs == pytest.approx(ours[task]["value"], abs=1e-12), task

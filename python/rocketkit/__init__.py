@@ -43,6 +43,17 @@ from rocketkit.integrations import call_after_import  # noqa: E402
 
 call_after_import("transformers.quantizers.auto", _register_transformers_quantizer)
 
+
+def _refuse_format_1_checkpoints() -> None:
+    from rocketkit.integrations.transformers import install_format_1_refusal
+
+    install_format_1_refusal()
+
+
+# A format_version 1 checkpoint has no quantization_config, so the quantizer never sees it: from_pretrained
+# itself refuses it (with the fix) once transformers has defined it.
+call_after_import("transformers.modeling_utils", _refuse_format_1_checkpoints)
+
 # Pipeline entry points are imported on first use so `import rocketkit` stays light (transformers aside).
 _LAZY = {
     "load_pretrained": "rocketkit.checkpoint",

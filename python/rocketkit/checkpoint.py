@@ -123,6 +123,12 @@ def stamp_config(cfg: dict, section: dict) -> dict:
     return cfg
 
 
+def format_1_message(cfg_path, path) -> str:
+    """The refusal of a format_version 1 checkpoint, with its fix (rocketkit's readers and from_pretrained)."""
+    return (f"{cfg_path}: rocketkit format_version 1 (written before the transformers integration); "
+            f"convert it in place with `rocketkit upgrade {path}` (the tensors stay as they are)")
+
+
 def upgrade_checkpoint(path) -> int:
     """Rewrite a format_version 1 checkpoint's config.json as version 2 in place (the tensors are the
     same in both; version 2 adds the quantization_config and the import guard). Returns the version
@@ -236,8 +242,7 @@ def read_config(path) -> tuple[dict, dict, list[LayerRecord]]:
     if not isinstance(section, dict):
         raise ValueError(f"{cfg_path}: no rocketkit section (not a rocketkit checkpoint)")
     if section.get("format_version") == 1:
-        raise ValueError(f"{cfg_path}: rocketkit format_version 1 (written before the transformers integration); "
-                         f"convert it in place with `rocketkit upgrade {path}` (the tensors stay as they are)")
+        raise ValueError(format_1_message(cfg_path, path))
     if section.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: rocketkit format_version {section.get('format_version')!r}, "
                          f"this rocketkit reads {CHECKPOINT_FORMAT_VERSION}")

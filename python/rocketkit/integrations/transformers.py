@@ -7,11 +7,16 @@ FactorizedLinear and lets transformers fill U, C_values, C_indices (and bias) st
 safetensors: no dense weight is formed, no remote code runs, nothing is unpickled. The checks of
 ``rocketkit.checkpoint`` run first (headers, shapes, dtypes, missing or unexpected tensors) and the
 indices are range-checked once loaded, each failure a ValueError naming the file and the tensor.
-``model.save_pretrained(out)`` writes a checkpoint that loads again the same way.
+``model.save_pretrained(out)`` writes a checkpoint that loads again the same way. A format_version 1
+checkpoint (no quantization_config) never reaches the quantizer: ``install_format_1_refusal`` makes
+``from_pretrained`` refuse it with the fix instead of filling its factorized layers at random.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import types
 from pathlib import Path
 
@@ -97,6 +102,68 @@ def _save_pretrained_guarded(model, save_directory, *args, **kwargs):
         cfg["transformers_weights"] = IMPORT_GUARD
         atomic_write_json(cfg_path, cfg)
     return out
+
+
+def _format_1_config(pretrained_model_name_or_path, config, subfolder) -> tuple[Path, Path] | None:
+    """(config.json, folder) when this load is of a rocketkit format_version 1 checkpoint, else None.
+    Looks only at what the load already names: a config object (AutoModel* passes the one it read,
+    so a Hub checkpoint is caught too), else the config.json of a local folder. Anything unreadable
+    is left for transformers to report."""
+    from transformers import PreTrainedConfig
+
+    folder = None
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+    if isinstance(config, PreTrainedConfig):
+        section = getattr(config, "rocketkit", None)
+        where = folder if folder is not None else Path(getattr(config, "_name_or_path", "") or "CKPT")
+        cfg_path = where / "config.json"
+    else:
+        if isinstance(config, (str, os.PathLike)):
+            cfg_path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
+        elif folder is not None and folder.is_dir():
+            cfg_path = folder / "config.json"
+        else:
+            return None
+        # A rocketkit config.json carries the section name in its text; skip parsing every other model's.
+        try:
+            text = cfg_path.read_bytes()
+            section = json.loads(text).get("rocketkit") if b'"rocketkit"' in text else None
+        except (OSError, ValueError, AttributeError):
+            return None
+        where = cfg_path.parent
+    if isinstance(section, dict) and section.get("format_version") == 1:
+        return cfg_path, where
+    return None
+
+
+def _refuse_format_1(from_pretrained):
+    """``PreTrainedModel.from_pretrained`` that first refuses a rocketkit format_version 1 checkpoint.
+    Version 1 has no quantization_config, so transformers would never call rocketkit's quantizer and
+    would fill the factorized layers at random; every other load goes through untouched."""
+
+    @functools.wraps(from_pretrained)
+    def wrapped(cls, pretrained_model_name_or_path, *args, **kwargs):
+        found = _format_1_config(pretrained_model_name_or_path, kwargs.get("config"), kwargs.get("subfolder"))
+        if found is not None:
+            from rocketkit.checkpoint import format_1_message
+
+            raise ValueError(format_1_message(*found))
+        return from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    wrapped._rocketkit_refuses_format_1 = True
+    return wrapped
+
+
+def install_format_1_refusal() -> None:
+    """Wrap ``PreTrainedModel.from_pretrained`` (idempotent). Runs once transformers.modeling_utils has
+    finished executing (rocketkit/__init__), not when the quantizer registers: modeling_utils imports the
+    quantizer registry before it defines PreTrainedModel."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    current = PreTrainedModel.__dict__["from_pretrained"]
+    if not getattr(current.__func__, "_rocketkit_refuses_format_1", False):
+        PreTrainedModel.from_pretrained = classmethod(_refuse_format_1(current.__func__))
 
 
 def register() -> None:
