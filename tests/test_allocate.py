@@ -130,8 +130,8 @@ def test_plain_sum_concentrates_and_default_spreads():
         e = 0.05 + 0.8 * g.cr  # like a real MLP layer: 0.13 at cr 0.1, 0.61 at cr 0.7
         layers[f"l{i}"] = LayerProfile(f"l{i}", 64, 64, g, e, e, 0.0, 0, 10, 0)
     prof = Profile(layers, {"crs": list(crs), "kss": list(kss)})
-    plain = allocate(prof, 0.4, weighting=None, power=1, buckets=4000)
-    default = allocate(prof, 0.4, buckets=4000)
+    plain = allocate(prof, 0.4, weighting=None, power=1, buckets=4000, error_cap="none")
+    default = allocate(prof, 0.4, buckets=4000, error_cap="none")
     assert {d.cr for d in plain.layers.values()} == {0.0, 0.7}
     assert {d.cr for d in default.layers.values()} <= {0.3, 0.5} and default.params <= default.budget
 
@@ -239,6 +239,61 @@ def test_rocket_dp_is_exact_on_small_profile():
         options = [rocket_options(lp) for lp in prof.layers.values()]
         f = rocket_filter(options, ratio, a.budget)
         assert a.objective == pytest.approx(_brute_force([o.take(k) for o, k in zip(options, f.keep)], a.budget))
+
+
+def _weighted_brute_force(options, weights, power, budget):
+    import itertools
+
+    best = None
+    for pick in itertools.product(*[range(len(o.index)) for o in options]):
+        if sum(int(o.params[c]) for o, c in zip(options, pick)) <= budget:
+            e = sum(w * float(o.cost[c]) ** power for o, w, c in zip(options, weights, pick))
+            best = e if best is None or e < best else best
+    return best
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.3, 0.45])
+@pytest.mark.parametrize("cost", ["weight", "output"])
+def test_error_cap_default(ratio, cost):
+    """The default knapsack offers dense and the compressed options under the reference's cap, and
+    is exact over them (brute force); "none" offers every option."""
+    from rocketkit.allocate import capped_options
+
+    full = synthetic_profile(seed=4)
+    prof = Profile({n: full.layers[n] for n in list(full.layers)[:6]}, full.meta)
+    a = allocate(prof, ratio, cost=cost, buckets=50000)
+    names = list(prof.layers)
+    options, cap = capped_options(prof, names, cost, None, ratio, a.budget)
+    f = rocket_filter([rocket_options(prof.layers[n], cost) for n in names], ratio, a.budget)
+    assert a.meta["error_cap"] == cap and cap["alpha"] == f.alpha and cap["threshold"] == f.threshold
+    assert all(o.index[0] == -1 for o in options)  # dense always offered
+    for n, o in zip(names, options):
+        d = a.layers[n]
+        assert d.dense or d.cost <= cap["threshold"] or n in cap["emptied_layers"]
+        assert d.dense or (d.k, d.s) in {(int(prof.layers[n].grid.k[i]), int(prof.layers[n].grid.s[i])) for i in o.index[1:]}
+    share = [prof.layers[n].dense_params / prof.dense_params() for n in names]
+    assert a.objective == pytest.approx(_weighted_brute_force(options, share, 2, a.budget))
+    assert a.params <= a.budget and a.achieved_ratio >= ratio
+    uncapped = allocate(prof, ratio, cost=cost, buckets=50000, error_cap="none")
+    assert uncapped.meta["error_cap"] is None and uncapped.objective <= a.objective + 1e-12
+
+
+def test_error_cap_infeasible_offers_everything_and_says_so():
+    """Layer b's errors are all ≥ 2, so the cap leaves it only its lowest-cr option, which cannot fit
+    a 60% cut whatever α: every option is offered instead, with a warning, and meta says so."""
+    crs, kss = (0.1, 0.7), (1.0,)
+    layers = {}
+    for name, e in (("a", (0.1, 0.2)), ("b", (5.0, 6.0))):
+        g = candidate_grid(64, 64, crs, kss)
+        err = np.where(np.isclose(g.cr, 0.1), e[0], e[1])
+        layers[name] = LayerProfile(name, 64, 64, g, err, err, 0.0, 0, 10, 0)
+    prof = Profile(layers, {"crs": list(crs), "kss": list(kss)})
+    with pytest.warns(RuntimeWarning, match="no error cap fits"):
+        a = allocate(prof, 0.6, buckets=4000)
+    assert a.meta["error_cap"] == {"alpha": None} and a.params <= a.budget
+    assert a.layers == allocate(prof, 0.6, buckets=4000, error_cap="none").layers
+    with pytest.raises(ValueError, match="error_cap must be one of"):
+        allocate(prof, 0.3, error_cap="beta")
 
 
 def test_rocket_json_roundtrip(tmp_path):

@@ -14,6 +14,9 @@ over parameters. The plain sum (p = 1, w_l = 1) is concave where it matters: eve
 jumps from 0 (dense) to a sizeable value at the smallest cr of the grid and then grows slowly, so
 the DP keeps most layers dense and crushes a few at cr 0.7. On SmolLM2-135M at 40% removed that
 plain sum gave 13.5x uniform's perplexity while the default beat uniform (benchmarks/bench_quality.py).
+By default the knapsack also offers a layer's compressed options only under the reference's error
+cap (see :func:`capped_options`), dense always: at 40% on SmolLM2 this took the weight cost's
+perplexity from 129.2 to 108.0 and the output cost's from 144.3 to 130.0 (16k calibration tokens).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ METHODS = ("mckp", "uniform", "rocket", "svdllm")
 # first of ROCKET_ALPHAS that leaves a feasible problem.
 ROCKET_ALPHAS = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))  # 1.0 .. 2.0
 ROCKET_MAX_ERROR = 2.0
+# rocketkit's knapsack caps each layer's error the reference's way (ERROR_CAPS[0], the default) but
+# keeps dense as an option; "none" offers every option (benchmarks/bench_quality.py measures both).
+ERROR_CAPS = ("alpha", "none")
+DEFAULT_ERROR_CAP = "alpha"
 _CURVE_POINTS = 1000  # the error-vs-params curve stored in JSON is subsampled to this many points
 
 
@@ -54,6 +61,12 @@ def check_cost(cost: str, alpha) -> float:
     if alpha is not None:
         raise ValueError(f"alpha is only used with cost 'blend', got alpha={alpha} with cost {cost!r}")
     return 1.0 if cost == "weight" else 0.0
+
+
+def check_error_cap(error_cap) -> str:
+    if error_cap not in ERROR_CAPS:
+        raise ValueError(f"error_cap must be one of {', '.join(ERROR_CAPS)}, got {error_cap!r}")
+    return error_cap
 
 
 def check_ratio(ratio) -> float:
@@ -175,6 +188,30 @@ def rocket_filter(options: list[LayerOptions], ratio: float, budget: int, alphas
                      f"budget of {budget} params at ratio {ratio:g}")
 
 
+def capped_options(profile: Profile, names: list[str], cost: str, alpha, ratio: float,
+                   budget: int) -> tuple[list[LayerOptions], dict | None]:
+    """Each layer's options under the reference's error cap (:func:`rocket_filter`), plus dense;
+    and what the cap was (None and every option when no α of ROCKET_ALPHAS is feasible)."""
+    import warnings
+
+    ro = [rocket_options(profile.layers[n], cost, alpha) for n in names]
+    try:
+        filt = rocket_filter(ro, ratio, budget)
+    except ValueError as e:
+        warnings.warn(f"[allocate] no error cap fits the budget ({e}); every option is offered", RuntimeWarning,
+                      stacklevel=3)
+        return [layer_options(profile.layers[n], cost, alpha) for n in names], {"alpha": None}
+    options = []
+    for o, keep, n in zip(ro, filt.keep, names):
+        o = o.take(keep)
+        if o.index[0] >= 0:  # dense is always offered (a layer without candidates has only dense)
+            o = LayerOptions(np.r_[-1, o.index], np.r_[profile.layers[n].dense_params, o.params],
+                             np.r_[0.0, o.cost], np.r_[0.0, o.cr])
+        options.append(o)
+    return options, {"alpha": filt.alpha, "reference_error": filt.reference_error, "threshold": filt.threshold,
+                     "emptied_layers": [names[l] for l in filt.emptied]}
+
+
 @dataclass
 class LayerDecision:
     name: str
@@ -284,6 +321,7 @@ def allocate(
     weighting=DEFAULT_WEIGHTING,
     method: str = "mckp",
     power: int = DEFAULT_POWER,
+    error_cap: str = DEFAULT_ERROR_CAP,
 ) -> Allocation:
     """Choose each layer's option so that Σ params ≤ (1 − ratio)·Σ dense params, minimising
     Σ w_l · cost_l ** power.
@@ -292,6 +330,12 @@ def allocate(
     it 1; ``power`` is 2 (default) or 1 (ROCKET's plain sum with ``weighting=None``). Neither changes
     which ks is best at a cr. ``method="uniform"`` is the baseline: every layer at the grid cr
     nearest ``ratio``; ``"svdllm"`` the same at ks = 1 (the grid must hold ks = 1).
+
+    ``error_cap="alpha"`` (method mckp's default) offers a layer's compressed options only below the
+    reference's error cap (:func:`rocket_filter`: best ks per cr, error < 2 and ≤ α·the mean error at
+    the target cr, the smallest feasible α of 1.0..2.0), and keeping it dense always; recorded under
+    ``meta.error_cap``. When no α in 1.0..2.0 is feasible (extreme ratios) every option is offered,
+    with a warning, and ``meta.error_cap.alpha`` is None. ``"none"`` offers every option.
 
     ``method="rocket"`` is the reference's allocation (mts-ai/ROCKET, rocket/profiling/postprocess.py
     and rocket/compression/mckp.py): options from :func:`rocket_options` (no dense), filtered by
@@ -307,6 +351,7 @@ def allocate(
     a = check_cost(cost, alpha)
     power = check_power(power)
     weighting = check_weighting(weighting)
+    error_cap = check_error_cap(error_cap)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not profile.layers:
@@ -332,8 +377,11 @@ def allocate(
             meta["rocket"] = {"alpha": filt.alpha, "reference_error": filt.reference_error,
                               "threshold": filt.threshold, "options": int(sum(len(o.index) for o in options)),
                               "emptied_layers": [names[l] for l in filt.emptied]}
+        elif error_cap == "alpha":
+            options, meta["error_cap"] = capped_options(profile, names, cost, alpha, ratio, budget)
         else:
             options = [layer_options(profile.layers[n], cost, alpha) for n in names]
+            meta["error_cap"] = None
         sol = solve_mckp([o.cost ** power * w[n] for o, n in zip(options, names)], [o.params for o in options], budget, buckets)
         choice = {n: int(o.index[c]) for n, o, c in zip(names, options, sol.choice)}
         lower_bound = float(sol.lower_bound)

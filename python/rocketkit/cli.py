@@ -30,6 +30,10 @@ def _objective_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power", type=int, choices=(1, 2), default=2,
                    help="knapsack objective: sum of weight*cost**power (default 2; 1 with --weighting none is "
                         "ROCKET's plain sum of errors)")
+    p.add_argument("--error-cap", choices=("alpha", "none"), default="alpha",
+                   help="alpha (default): offer a layer's compressed options only under the reference's error cap "
+                        "(error < 2 and <= alpha x the mean error at the target cr, smallest feasible alpha in "
+                        "1.0..2.0), dense always; none: every option (method mckp only)")
 
 
 class _PrintCMakeDir(argparse.Action):
@@ -181,7 +185,7 @@ def _compress(args) -> int:
             seq_len=args.seq_len, out_dir=args.out, crs=args.crs or crs, kss=args.kss or kss, buckets=args.buckets,
             eval_tokens=args.eval_tokens, device=args.device, progress=not args.no_progress,
             batch_size=args.batch_size, method=args.method, weighting=args.weighting,
-            power=args.power, overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
+            power=args.power, error_cap=args.error_cap, overwrite=args.overwrite, seed=args.seed, num_threads=args.threads, restart=args.restart,
             work_dir=args.work_dir, trust_remote_code=args.trust_remote_code, dtype=getattr(torch, args.dtype),
             cache_budget=args.cache_budget, refine=args.refine,
         )
@@ -216,7 +220,8 @@ def _study(args) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, crs=args.crs or crs, kss=args.kss or kss,
         buckets=args.buckets, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=args.device,
         progress=not args.no_progress, seed=args.seed, overwrite=args.overwrite, plots=not args.no_plots,
-        weighting=args.weighting, power=args.power, eval_workers=args.eval_workers, refines=args.refine,
+        weighting=args.weighting, power=args.power, error_cap=args.error_cap, eval_workers=args.eval_workers,
+        refines=args.refine,
         num_threads=args.threads,
     )
     from pathlib import Path

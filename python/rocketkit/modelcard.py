@@ -83,6 +83,9 @@ def model_card(summary: dict, command: str, layers: list[dict] | None = None) ->
     if cost == "blend" and summary.get("alpha") is not None:
         cost = f"blend (alpha {summary['alpha']})"
     objective = f"minimise Σ {summary.get('weighting') or '1'}·e^{summary.get('power', 1)} ({summary.get('method', '-')})"
+    cap = summary.get("error_cap")
+    if cap and cap.get("alpha") is not None:
+        objective += f", errors capped at {cap['alpha']:g} × the mean at the target cr"
     body = [
         f"# {base or summary.get('model') or 'model'}, rocketkit-compressed ({_fmt(ratio, '.0%') if ratio is not None else '-'} of the compressible parameters removed)",
         "",

@@ -53,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rocketkit.allocate import (DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, check_power, check_ratio,
-                                check_weighting)
+from rocketkit.allocate import (DEFAULT_ERROR_CAP, DEFAULT_POWER, DEFAULT_WEIGHTING, Allocation, check_error_cap,
+                                check_power, check_ratio, check_weighting)
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, Profile
 from rocketkit.threads import pins_threads
 
@@ -569,6 +569,7 @@ def run_study(
     eval_batch_size: int = 16,
     weighting=DEFAULT_WEIGHTING,
     power: int = DEFAULT_POWER,
+    error_cap: str = DEFAULT_ERROR_CAP,
     device: str = "cpu",
     progress: bool = True,
     seed: int = 0,
@@ -606,7 +607,7 @@ def run_study(
 
     t_start = time.perf_counter()
     ratios, costs, alphas = _check_lists(ratios, costs, alphas)
-    weighting, power = check_weighting(weighting), check_power(power)
+    weighting, power, error_cap = check_weighting(weighting), check_power(power), check_error_cap(error_cap)
     if out_dir is None:
         raise ValueError("out_dir is required")
     out_dir = Path(out_dir)
@@ -661,7 +662,8 @@ def run_study(
                              "subset": SUBSET_RULE if limit is not None and not harness_data else None,
                              **({"harness_data": harness_data} if harness_data else {})})
     common_key = settings_key({"profile": profile_key, "eval": eval_key, "buckets": int(buckets),
-                               "weighting": weighting, "power": power})
+                               "weighting": weighting, "power": power,
+                               **({"error_cap": error_cap} if error_cap != "none" else {})})
     settings = {
         "key": common_key,
         "model": spec_name,
@@ -687,6 +689,7 @@ def run_study(
         "buckets": int(buckets),
         "weighting": weighting,
         "power": power,
+        "error_cap": error_cap,
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
         "eval_workers": eval_workers,
@@ -758,7 +761,7 @@ def run_study(
         if spec.cost != "dense":
             with log.stage("allocate"):
                 allocation = allocate(profile, spec.ratio, buckets=buckets, weighting=weighting, power=power,
-                                      **spec.allocate_kwargs())
+                                      error_cap=error_cap, **spec.allocate_kwargs())
             allocation.save(out_dir / "allocations" / f"{spec.label}.json")
             allocations[spec.label] = allocation
         run_key = settings_key({"common": common_key, "cost": spec.cost, "ratio": spec.ratio, "alpha": spec.alpha,

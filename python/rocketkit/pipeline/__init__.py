@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from rocketkit.allocate import DEFAULT_POWER, DEFAULT_WEIGHTING
+from rocketkit.allocate import DEFAULT_ERROR_CAP, DEFAULT_POWER, DEFAULT_WEIGHTING
 from rocketkit.pipeline.context import RunContext
 from rocketkit.pipeline.options import CompressOptions
 from rocketkit.pipeline.stage_allocate import run_allocate
@@ -85,6 +85,7 @@ def compress(
     dtype: torch.dtype = torch.float32,
     cache_budget="auto",
     refine: int = 0,
+    error_cap: str = DEFAULT_ERROR_CAP,
 ) -> dict:
     """Compress ``model_spec`` (HF folder, .gguf, "smollm2", or an already loaded LoadedModel) and
     write the checkpoint, profile, allocation, summary and run log into ``out_dir``. Returns the
@@ -113,6 +114,7 @@ def compress(
         method=method, weighting=weighting, power=power, overwrite=overwrite, seed=seed, calib_ids=calib_ids,
         eval_ids=eval_ids, num_threads=num_threads, restart=restart, work_dir=work_dir,
         trust_remote_code=trust_remote_code, dtype=dtype, cache_budget=cache_budget, refine=refine,
+        error_cap=error_cap,
     )
     started = time.perf_counter()
     comm, dev = init_comm(opts.device)

@@ -127,7 +127,7 @@ class RunContext:
             "evaluation": _ids_fingerprint(self.eval_ids),
             "grid": {"crs": list(o.crs), "kss": list(o.kss)},
             "allocation": {"ratio": o.ratio, "cost": o.cost, "alpha": o.alpha, "method": o.method,
-                           "weighting": o.weighting, "power": o.power, "buckets": o.buckets},
+                           "weighting": o.weighting, "power": o.power, "buckets": o.buckets, "error_cap": o.error_cap},
             "factorization": {"refine": o.refine},
             "numerics": numerics,
         }

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from rocketkit.allocate import DEFAULT_POWER, DEFAULT_WEIGHTING, METHODS, check_cost, check_power, check_ratio, check_weighting
+from rocketkit.allocate import (DEFAULT_ERROR_CAP, DEFAULT_POWER, DEFAULT_WEIGHTING, METHODS, check_cost, check_error_cap,
+                                check_power, check_ratio, check_weighting)
 from rocketkit.profile import DEFAULT_CRS, DEFAULT_KS, check_grid
 
 
@@ -28,6 +29,7 @@ class CompressOptions:
     method: str = "mckp"  # mckp (global knapsack) | uniform
     weighting: str | None = DEFAULT_WEIGHTING  # knapsack weight of a layer's cost: "params" share or None
     power: int = DEFAULT_POWER  # knapsack objective Σ weight·cost^power
+    error_cap: str = DEFAULT_ERROR_CAP  # "alpha": the reference's per-layer error cap, dense kept (mckp); "none"
     buckets: int = 50000  # DP buckets over the parameter slack
     refine: int = 0  # closed-form refinement iterations per factorized layer after allocation (0: off)
     crs: tuple[float, ...] = DEFAULT_CRS  # candidate compression ratios
@@ -68,6 +70,7 @@ class CompressOptions:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         o["weighting"] = check_weighting(o.get("weighting", DEFAULT_WEIGHTING))
         o["power"] = check_power(o.get("power", DEFAULT_POWER))
+        o["error_cap"] = check_error_cap(o.get("error_cap", DEFAULT_ERROR_CAP))
         o["crs"], o["kss"] = check_grid(o.get("crs", DEFAULT_CRS), o.get("kss", DEFAULT_KS))
         if o.get("out_dir") is None:
             raise ValueError("out_dir is required")

@@ -40,7 +40,7 @@ def run_allocate(ctx: RunContext) -> None:
             st["layers"] = len(profile.layers)
             if not ctx.wd.allocation_path.is_file():
                 allocation = allocate(profile, o.ratio, cost=o.cost, alpha=o.alpha, buckets=o.buckets,
-                                      weighting=o.weighting, method=o.method, power=o.power)
+                                      weighting=o.weighting, method=o.method, power=o.power, error_cap=o.error_cap)
                 allocation.save(ctx.wd.allocation_path)
             data = json.dumps(Allocation.load(ctx.wd.allocation_path).to_json()).encode()
         data = ctx.comm.broadcast_bytes(data)

@@ -122,7 +122,7 @@ def run_publish(ctx: RunContext) -> tuple[dict, list[dict]]:
             "model": ctx.spec_name,
             "model_type": getattr(ctx.model.config, "model_type", None),
             "ratio": a.ratio, "cost": a.cost, "alpha": a.alpha, "method": a.method, "weighting": a.weighting,
-            "power": a.power, "achieved_ratio": a.achieved_ratio,
+            "power": a.power, "error_cap": a.meta.get("error_cap"), "achieved_ratio": a.achieved_ratio,
             "compressible_params_before": a.dense_params, "compressible_params_after": a.params,
             "params_before": params_before, "params_after": params_after,
             "layers": len(a.layers), "factorized_layers": len(applied),
