@@ -662,8 +662,7 @@ def run_study(
                              "subset": SUBSET_RULE if limit is not None and not harness_data else None,
                              **({"harness_data": harness_data} if harness_data else {})})
     common_key = settings_key({"profile": profile_key, "eval": eval_key, "buckets": int(buckets),
-                               "weighting": weighting, "power": power,
-                               **({"error_cap": error_cap} if error_cap != "none" else {})})
+                               "weighting": weighting, "power": power})
     settings = {
         "key": common_key,
         "model": spec_name,
@@ -764,8 +763,11 @@ def run_study(
                                       error_cap=error_cap, **spec.allocate_kwargs())
             allocation.save(out_dir / "allocations" / f"{spec.label}.json")
             allocations[spec.label] = allocation
+        # The error cap and refinement change rocketkit's own rows only (baselines keep their keys).
+        own = spec.cost in ("weight", "output", "blend")
         run_key = settings_key({"common": common_key, "cost": spec.cost, "ratio": spec.ratio, "alpha": spec.alpha,
-                                **({"refine": spec.refine} if spec.refine else {})})
+                                **({"refine": spec.refine} if spec.refine else {}),
+                                **({"error_cap": error_cap} if own and error_cap != "none" else {})})
         run_path = out_dir / "runs" / f"{spec.label}.json"
         record = _read_run(run_path, run_key)
         if record is not None:
@@ -807,6 +809,7 @@ def run_study(
                 "ratio": spec.ratio if spec.ratio is not None else 0.0,
                 "achieved_ratio": allocation.achieved_ratio if allocation is not None else 0.0,
                 "method": allocation.method if allocation is not None else None,
+                "error_cap": allocation.meta.get("error_cap") if allocation is not None else None,
                 **scores,
                 # refined rows lower the applied errors on purpose: the gap is then the refinement's gain
                 "max_profiled_vs_applied_error": applied_err,
