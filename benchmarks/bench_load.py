@@ -44,7 +44,7 @@ def _child(args) -> None:
     import rocketkit
     import rocketkit.integrations.transformers  # noqa: F401  (both ways import the same modules before the baseline)
     from rocketkit.modules import FactorizedLinear
-    from rocketkit.runlog import current_rss_bytes, vm_hwm_bytes
+    from rocketkit.runlog import current_rss_bytes, reset_peak_rss, vm_hwm_bytes
 
     torch.set_num_threads(args.threads)
     # the architecture's modeling module is code both ways import; its import is not the load
@@ -53,7 +53,7 @@ def _child(args) -> None:
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(args.checkpoint))]
     baseline = current_rss_bytes()
-    reset = _reset_peak_rss()  # the imports' own peak is not the load's
+    reset = reset_peak_rss()  # the imports' own peak is not the load's
     t0 = time.perf_counter()
     if args.child == "load_pretrained":
         model = rocketkit.load_pretrained(args.checkpoint, dtype=torch.float32)
@@ -74,16 +74,6 @@ def _child(args) -> None:
     if args.save_to:
         model.save_pretrained(args.save_to)
     print("RESULT " + json.dumps(out), flush=True)
-
-
-def _reset_peak_rss() -> bool:
-    """VmHWM back to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _run_child(way: str, checkpoint, logits: Path, args, save_to: Path | None = None) -> dict:

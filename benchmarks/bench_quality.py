@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--grid", choices=("full", "reduced"), default="full")
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--json", default=None, help="also write the table here")
+    ap.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0: torch's default)")
     args = ap.parse_args()
     crs, kss = (DEFAULT_CRS, DEFAULT_KS) if args.grid == "full" else (REDUCED_CRS, REDUCED_KS)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -69,7 +70,8 @@ def main() -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     doc = run_study(args.model, ratios, COSTS, out_dir=out, tasks=[], calib_tokens=args.calib_tokens,
-                    eval_tokens=args.eval_tokens, crs=crs, kss=kss, plots=False, refines=refines, progress=False)
+                    eval_tokens=args.eval_tokens, crs=crs, kss=kss, plots=False, refines=refines, progress=False,
+                    num_threads=args.threads)
     profile_s = sum(s["seconds"] for s in doc["stages"] if s["name"] == "profile")
     dense = next(r["ppl"] for r in doc["runs"] if r["cost"] == "dense")
 

@@ -36,7 +36,7 @@ def _read_status_kib(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -115,7 +115,7 @@ class RunLog:
     def _measure(self, kind: str, entry: dict) -> Iterator[dict]:
         cuda = _cuda_available()
         self._fold_peaks(cuda)
-        scoped = _reset_peak_rss() and _read_status_kib("VmHWM") is not None
+        scoped = reset_peak_rss() and _read_status_kib("VmHWM") is not None
         if cuda:
             import torch
 
