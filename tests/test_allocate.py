@@ -95,12 +95,33 @@ def test_uniform_baseline(prof):
             assert d.dense
             continue
         crs = np.unique(lp.grid.cr)
-        assert d.cr == crs[np.argmin(np.abs(crs - 0.28))]
+        nearest = int(np.argmin(np.abs(crs - 0.28)))
+        assert d.cr == crs[nearest + (d.name in a.meta["moved_up_one_cr"])]
         at = np.flatnonzero(lp.grid.cr == d.cr)
         assert d.e_weight == lp.e_weight[at].min()
     o = allocate(prof, 0.28, "output", method="uniform")
     assert all(d.e_output == prof.layers[d.name].e_output[prof.layers[d.name].grid.cr == d.cr].min()
                for d in o.layers.values() if not d.dense)
+
+
+@pytest.mark.parametrize("method", ["uniform", "svdllm"])
+def test_uniform_never_below_target(method):
+    """Rounded k and s can put every layer at the nearest cr just over the budget: the layers whose
+    next cr costs least per parameter saved move up until it fits, and the allocation says which."""
+    from rocketkit.profile import CandidateGrid
+
+    layers = {}
+    for i, slope in enumerate((1.0, 3.0, 2.0)):
+        cr, ks = np.array([0.3, 0.4, 0.5]), np.ones(3)
+        params = np.array([700, 601, 500])  # 0.4 removes 399 of 1000: just short of a 40% cut
+        g = CandidateGrid(cr, ks, np.array([7, 6, 5]), np.array([7, 6, 5]), params, params, 3)
+        e = slope * cr
+        layers[f"l{i}"] = LayerProfile(f"l{i}", 25, 40, g, e, e, 0.0, 0, 10, 0)
+    prof = Profile(layers, {"crs": [0.3, 0.4, 0.5], "kss": [1.0]})
+    a = allocate(prof, 0.4, method=method)
+    assert a.params <= a.budget and a.achieved_ratio >= 0.4  # all at 0.4 would be 0.399
+    assert a.meta["moved_up_one_cr"] == ["l0"]  # the flattest error curve moves
+    assert a.layers["l0"].cr == 0.5 and a.layers["l1"].cr == a.layers["l2"].cr == 0.4
 
 
 @pytest.mark.parametrize("power", [1, 2])

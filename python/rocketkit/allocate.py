@@ -365,7 +365,8 @@ def allocate(
         power, weighting = 1, None
         w = _weights(profile, None)
     if method in ("uniform", "svdllm"):
-        choice = _uniform(profile, ratio, cost, alpha, ks=1.0 if method == "svdllm" else None)
+        choice, moved = _uniform(profile, ratio, cost, alpha, budget, ks=1.0 if method == "svdllm" else None)
+        meta["moved_up_one_cr"] = moved
         lower_bound, curve_p, curve_e = None, [], []
     else:
         from rocketkit._native import solve_mckp
@@ -406,12 +407,21 @@ def allocate(
     )
 
 
-def _uniform(profile: Profile, ratio: float, cost: str, alpha, ks: float | None = None) -> dict[str, int]:
+def _uniform(profile: Profile, ratio: float, cost: str, alpha, budget: int,
+             ks: float | None = None) -> tuple[dict[str, int], list[str]]:
     """Every layer at the grid cr nearest ``ratio`` (among the layer's feasible crs), best ks by cost
-    (or the given ``ks``: a layer without that ks at any cr stays dense)."""
+    (or the given ``ks``: a layer without that ks at any cr stays dense). The grid's k and s are
+    rounded, so the total can miss the budget by a few parameters: then layers move one cr up, the
+    least cost increase per parameter saved first, until it fits (the achieved ratio is never below
+    the target). Returns the choice and the layers moved."""
     if ks is not None and not np.isclose(np.asarray(profile.kss, dtype=np.float64), ks).any():
         raise ValueError(f"[allocate] the profile's grid has no ks = {ks:g} (its kss: {list(profile.kss)})")
-    choice = {}
+
+    def best_at(lp, on, cr, c):
+        at = np.flatnonzero((lp.grid.cr == cr) & on)
+        return int(at[np.lexsort((lp.grid.params[at], c[at]))[0]])
+
+    choice, moved, state = {}, [], {}
     for n, lp in profile.layers.items():
         g = lp.grid
         on = np.ones(len(g), dtype=bool) if ks is None else np.isclose(g.ks, ks)
@@ -419,8 +429,27 @@ def _uniform(profile: Profile, ratio: float, cost: str, alpha, ks: float | None 
             choice[n] = -1
             continue
         crs = np.unique(g.cr[on])
-        cr = crs[np.argmin(np.abs(crs - ratio))]
-        at = np.flatnonzero((g.cr == cr) & on)
         c = candidate_cost(lp, cost, alpha)
-        choice[n] = int(at[np.lexsort((g.params[at], c[at]))[0]])
-    return choice
+        j = int(np.argmin(np.abs(crs - ratio)))
+        choice[n] = best_at(lp, on, crs[j], c)
+        state[n] = (on, crs, j, c)
+    total = sum(profile.layers[n].dense_params if i < 0 else int(profile.layers[n].grid.params[i])
+                for n, i in choice.items())
+    while total > budget:
+        best = None
+        for n, (on, crs, j, c) in state.items():
+            if j + 1 < len(crs):
+                lp, cur = profile.layers[n], choice[n]
+                nxt = best_at(lp, on, crs[j + 1], c)
+                saved = int(lp.grid.params[cur]) - int(lp.grid.params[nxt])
+                if saved > 0:
+                    key = (float(c[nxt] - c[cur]) / saved, n)
+                    best = min(best, (key, n, nxt, saved)) if best is not None else (key, n, nxt, saved)
+        if best is None:
+            break  # every layer at its largest cr: the caller reports the achieved ratio as it is
+        _, n, nxt, saved = best
+        on, crs, j, c = state[n]
+        choice[n], state[n] = nxt, (on, crs, j + 1, c)
+        total -= saved
+        moved.append(n)
+    return choice, moved
