@@ -47,8 +47,11 @@ def compress_argv(folder: Path, out: Path, *extra) -> list[str]:
 
 def start(folder: Path, out: Path, pause_at: str, *extra) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ROCKETKIT_TEST_PAUSE_AT": pause_at}
+    # SIGINT back to its default: a shell without job control starts background jobs (and so this
+    # pytest and its children) with SIGINT ignored, and Python then never raises KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "rocketkit", *compress_argv(folder, out, *extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stop(proc: subprocess.Popen, sig: int) -> tuple[int, bytes]:
