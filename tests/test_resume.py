@@ -57,7 +57,12 @@ def start(folder: Path, out: Path, pause_at: str, *extra) -> subprocess.Popen:
 def stop(proc: subprocess.Popen, sig: int) -> tuple[int, bytes]:
     """Send ``sig``; returns (exit code, the rest of stderr)."""
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a paused run behind (it would sleep for an hour)
+        proc.communicate()
+        raise
     return proc.returncode, err
 
 
