@@ -154,12 +154,13 @@ def test_bf16_model_grams_fp64():
     assert_match_reference(blocks, ref)
 
 
+@pytest.mark.parametrize("syrk", [True, False])
 @pytest.mark.parametrize("d", [13, 1031])
-def test_gram_one_triangle_matches_fp64_reference(d):
+def test_gram_matches_fp64_reference(d, syrk):
     g = torch.Generator().manual_seed(d)
     xs = [torch.randn(n, d, generator=g) * 3 for n in (5, 17)]
-    gram = Gram(torch.zeros(d, d, dtype=torch.float64))
-    assert gram.one_triangle  # on the CPU: SYRK, then mirrored
+    gram = Gram(torch.zeros(d, d, dtype=torch.float64), syrk=syrk)
+    assert gram.one_triangle == syrk  # on the CPU: SYRK then mirrored, or the full GEMM then averaged
     for x in xs:
         gram.add(x)
     gram.finalize()

@@ -30,18 +30,20 @@ from rocketkit.models import block_linears, prepare_model, streaming_weights, wa
 class Gram:
     """H = Σ xᵀx over finite tokens, in fp64. Tokens with any NaN/Inf are counted in ``skipped``.
 
-    On the CPU :meth:`add` updates H's upper triangle only (SYRK: measured 1.6-1.8x faster than
-    torch's fp64 GEMM of XᵀX at widths 576-1536 on 2 cores, benchmarks/bench_gram.py) and
-    :meth:`finalize` mirrors it; on a GPU the full product is added and finalize averages the two
-    triangles. Either way H ends exactly symmetric."""
+    By default :meth:`add` adds torch's full fp64 product and :meth:`finalize` averages the two
+    triangles. ``syrk=True`` (CPU) updates the upper triangle only with the native SYRK and finalize
+    mirrors it: 1.6-1.8x faster alone (benchmarks/bench_gram.py), but slower inside the calibration
+    forward, where OpenBLAS's threads and torch's contend for the cores (SmolLM2 at 131k tokens, 2
+    cores: 17.9 s per block against 13.8 s). Either way H ends exactly symmetric."""
 
     H: torch.Tensor
     tokens: int = 0
     skipped: int = 0
+    syrk: bool = False
 
     @property
     def one_triangle(self) -> bool:
-        return self.H.device.type == "cpu"
+        return self.syrk and self.H.device.type == "cpu"
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
