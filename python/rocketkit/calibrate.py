@@ -33,8 +33,9 @@ class Gram:
     By default :meth:`add` adds torch's full fp64 product and :meth:`finalize` averages the two
     triangles. ``syrk=True`` (CPU) updates the upper triangle only with the native SYRK and finalize
     mirrors it: 1.6-1.8x faster alone (benchmarks/bench_gram.py), but slower inside the calibration
-    forward, where OpenBLAS's threads and torch's contend for the cores (SmolLM2 at 131k tokens, 2
-    cores: 17.9 s per block against 13.8 s). Either way H ends exactly symmetric."""
+    forward at 2 threads, where OpenBLAS's threads and torch's contend for the cores (SmolLM2 at 131k
+    tokens, 2 cores: 17.9 s per block against 13.8 s; at 1 thread SYRK wins, 0.91 s against 1.31 s
+    at 4k tokens; benchmarks/bench_gram_insitu.py). Either way H ends exactly symmetric."""
 
     H: torch.Tensor
     tokens: int = 0
