@@ -754,6 +754,7 @@ def run_study(
     records: list[dict] = []
     allocations: dict[str, Allocation] = {}
     write_study(records, allocations, complete=False)
+    cached = all(whitening.groups(b) is not None for b in range(len(walk_model(model).blocks)))
     for i, spec in enumerate(runs, 1):
         log = RunLog()
         allocation = None
@@ -780,7 +781,6 @@ def run_study(
             else:
                 with log.stage("copy"):
                     target = copy.deepcopy(model)
-                cached = all(whitening.groups(b) is not None for b in range(len(walk_model(model).blocks)))
                 with log.stage("apply", layers=sum(not d.dense for d in allocation.layers.values()),
                                whitening="cache" if cached else "recompute"):
                     if cached:
